@@ -1,0 +1,3 @@
+from colbertkit.cli.app import main
+
+main()

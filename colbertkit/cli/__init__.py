@@ -1,0 +1,1 @@
+"""The ``colbertkit`` command: parses arguments, calls the core library, renders results."""

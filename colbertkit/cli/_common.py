@@ -1,0 +1,55 @@
+"""What every subcommand shares: consoles, the error boundary, option types.
+
+Heavy libraries (torch, transformers) are imported inside commands, never here, so that
+``colbertkit --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import typer
+from rich.console import Console
+
+from colbertkit.errors import ColbertkitError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+DEBUG_ENV = "COLBERTKIT_DEBUG"
+
+
+def stderr_console() -> Console:
+    # Built on demand so that tests capturing sys.stderr see the output.
+    return Console(file=sys.stderr, highlight=False, soft_wrap=True)
+
+
+def debug_enabled() -> bool:
+    return os.environ.get(DEBUG_ENV, "") not in ("", "0", "false", "no")
+
+
+def handle_errors(command: F) -> F:
+    """The error boundary: a ColbertkitError becomes one red line on stderr and its exit code.
+
+    With ``--debug`` (or COLBERTKIT_DEBUG=1) the exception propagates with its traceback.
+    """
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except ColbertkitError as error:
+            if debug_enabled():
+                raise
+            stderr_console().print(f"[bold red]Error:[/] {error}", markup=True, highlight=False)
+            raise typer.Exit(code=error.exit_code) from None
+        except KeyboardInterrupt:
+            if debug_enabled():
+                raise
+            stderr_console().print("[red]Interrupted.[/]")
+            raise typer.Exit(code=130) from None
+
+    return wrapper  # type: ignore[return-value]

@@ -1,0 +1,286 @@
+"""``colbertkit score CKPT PAIRS``: MaxSim scores for query/passage pairs."""
+
+from __future__ import annotations
+
+import enum
+import json
+import os
+import sys
+from pathlib import Path
+from typing import IO
+
+import typer
+
+from colbertkit.cli._common import handle_errors, stderr_console
+from colbertkit.errors import UsageError
+
+
+class OutputFormat(str, enum.Enum):
+    auto = "auto"
+    table = "table"
+    tsv = "tsv"
+    jsonl = "jsonl"
+    trec = "trec"
+
+
+class DType(str, enum.Enum):
+    fp32 = "fp32"
+    fp16 = "fp16"
+    bf16 = "bf16"
+
+
+@handle_errors
+def score_command(
+    checkpoint: str = typer.Argument(
+        ..., help="Checkpoint directory (colbertkit or reference layout), packaged model or hub id."
+    ),
+    pairs: str = typer.Argument(
+        ..., help="TSV of query<TAB>passage or qid<TAB>query<TAB>pid<TAB>passage; '-' for stdin."
+    ),
+    output: Path | None = typer.Option(
+        None, "--output", "-o", help="Write here (atomically) instead of stdout.", dir_okay=False
+    ),
+    output_format: OutputFormat = typer.Option(
+        OutputFormat.auto,
+        "--format",
+        "-f",
+        help="auto: a table on a terminal, TSV otherwise. trec needs ids and ranks.",
+    ),
+    rank: bool = typer.Option(
+        False, "--rank", help="Sort each query's passages by score (needs ids)."
+    ),
+    top_k: int | None = typer.Option(
+        None, "--top-k", min=1, help="With --rank: keep the best K per query."
+    ),
+    batch_size: int = typer.Option(
+        32, "--batch-size", "-b", min=1, help="Texts per encoder batch."
+    ),
+    query_max_len: int | None = typer.Option(
+        None, "--query-max-len", min=2, help="Default: the checkpoint's metadata, else 128."
+    ),
+    passage_max_len: int | None = typer.Option(
+        None, "--passage-max-len", min=2, help="Default: the checkpoint's metadata, else 512."
+    ),
+    device: str = typer.Option(
+        "auto", "--device", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps."
+    ),
+    dtype: DType = typer.Option(DType.fp32, "--dtype", help="Model precision; fp16 needs a GPU."),
+    pad_floor: bool = typer.Option(
+        False,
+        "--pad-floor",
+        help="Reproduce the reference: zero padding vectors join the max (scores floored at 0).",
+    ),
+    colbert_dim: int | None = typer.Option(
+        None,
+        "--colbert-dim",
+        min=1,
+        help="Check the head's size; with --fresh-head, size it (default 128).",
+    ),
+    fresh_head: bool = typer.Option(
+        False, "--fresh-head", help="Attach a new, seeded head (for an encoder without one)."
+    ),
+    seed: int = typer.Option(0, "--seed", help="Seed of --fresh-head."),
+    trust_remote_code: bool = typer.Option(
+        False,
+        "--trust-remote-code",
+        help="Allow the checkpoint's own Python code (off by default).",
+    ),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar on stderr."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only errors on stderr."),
+) -> None:
+    """Print the MaxSim score of each query/passage pair, in input order (or ranked)."""
+    from colbertkit.checkpoint import load_checkpoint
+    from colbertkit.pairs import open_pairs
+    from colbertkit.scorer import PairScorer, pick_device, pick_dtype
+
+    fmt = _resolve_format(output_format, output)
+    rank = rank or fmt == OutputFormat.trec  # a run file is ranked by definition
+    if top_k is not None and not rank:
+        raise UsageError("--top-k needs --rank")
+    if output is not None and not output.parent.is_dir():
+        raise UsageError(f"--output {output}: directory {output.parent} does not exist")
+    target = pick_device(device)
+    torch_dtype = pick_dtype(dtype.value, target)
+    source = open_pairs(pairs)  # checks every line before any model is loaded
+    try:
+        if rank and not source.has_ids:
+            raise UsageError(
+                f"{source.name}: ranking needs ids; write qid<TAB>query<TAB>pid<TAB>passage lines"
+            )
+        loaded = load_checkpoint(
+            checkpoint,
+            colbert_dim=colbert_dim,
+            fresh_head=fresh_head,
+            seed=seed,
+            device=str(target),
+            dtype=torch_dtype,
+            trust_remote_code=trust_remote_code,
+        )
+        scorer = PairScorer(
+            loaded.model,
+            loaded.tokenizer,
+            query_max_len=query_max_len or loaded.query_max_len,
+            passage_max_len=passage_max_len or loaded.passage_max_len,
+            batch_size=batch_size,
+            pad_floor=pad_floor,
+        )
+        console = stderr_console()
+        if not quiet:
+            for note in loaded.notes:
+                console.print(f"[dim]{note}[/]", highlight=False)
+            console.print(
+                f"[dim]scoring {source.count} pairs on {target} ({dtype.value}), "
+                f"query/passage max len {scorer.query_max_len}/{scorer.passage_max_len}"
+                f"{', pad floor' if pad_floor else ''}[/]",
+                highlight=False,
+            )
+        with _open_output(output) as out:
+            with _progress(console, source.count, progress and not quiet) as advance:
+                texts = ((pair.query, pair.passage) for pair in source.pairs())
+                scored = zip(source.pairs(), scorer.score(texts, progress=advance), strict=True)
+                if fmt != OutputFormat.table and not rank:
+                    for pair, score in scored:  # streamed: memory stays bounded
+                        out.write(_format_line(pair, score, fmt))
+                    return
+                results = list(scored)  # a table or a ranking needs every score first
+            if fmt == OutputFormat.table:
+                _print_table(results, rank, top_k, out)
+            else:
+                _write_ranked(results, top_k, fmt, out)
+    finally:
+        source.close()
+
+
+def _resolve_format(requested: OutputFormat, output: Path | None) -> OutputFormat:
+    if requested != OutputFormat.auto:
+        return requested
+    if output is None and sys.stdout.isatty():
+        return OutputFormat.table
+    return OutputFormat.tsv
+
+
+def _format_line(pair, score: float, fmt: OutputFormat, rank: int | None = None) -> str:
+    if fmt == OutputFormat.jsonl:
+        record = {"line": pair.line}
+        if pair.qid is not None:
+            record["qid"] = pair.qid
+        record["query"] = pair.query
+        if pair.pid is not None:
+            record["pid"] = pair.pid
+        record["passage"] = pair.passage
+        if rank is not None:
+            record["rank"] = rank
+        record["score"] = score
+        return json.dumps(record, ensure_ascii=False) + "\n"
+    if fmt == OutputFormat.trec:
+        return f"{pair.qid} Q0 {pair.pid} {rank} {score:.6f} colbertkit\n"
+    columns = (
+        [pair.qid, pair.query, pair.pid, pair.passage]
+        if pair.qid is not None
+        else [pair.query, pair.passage]
+    )
+    if rank is not None:
+        columns.append(str(rank))
+    columns.append(f"{score:.6f}")
+    return "\t".join(columns) + "\n"
+
+
+def _write_ranked(scored, top_k, fmt, out: IO[str]) -> None:
+    from colbertkit.scorer import rank_by_query
+
+    pairs = [pair for pair, _ in scored]
+    scores = [score for _, score in scored]
+    for index, position in rank_by_query([p.qid for p in pairs], scores, top_k):
+        out.write(_format_line(pairs[index], scores[index], fmt, position))
+
+
+def _print_table(rows, rank: bool, top_k: int | None, out: IO[str]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from colbertkit.scorer import rank_by_query
+
+    pairs = [pair for pair, _ in rows]
+    scores = [score for _, score in rows]
+    has_ids = pairs[0].qid is not None
+    if rank:
+        order = rank_by_query([p.qid for p in pairs], scores, top_k)
+    else:
+        order = [(i, None) for i in range(len(pairs))]
+    table = Table(show_lines=False)
+    if has_ids:
+        table.add_column("qid")
+    table.add_column("query", overflow="fold", max_width=40)
+    if has_ids:
+        table.add_column("pid")
+    table.add_column("passage", overflow="ellipsis", no_wrap=True, max_width=60)
+    if rank:
+        table.add_column("rank", justify="right")
+    table.add_column("score", justify="right")
+    for index, position in order:
+        pair = pairs[index]
+        cells = (
+            [pair.qid, pair.query, pair.pid, pair.passage]
+            if has_ids
+            else [pair.query, pair.passage]
+        )
+        if rank:
+            cells.append(str(position))
+        cells.append(f"{scores[index]:.4f}")
+        table.add_row(*cells)
+    Console(file=out).print(table)
+
+
+class _open_output:
+    """stdout, or a temporary sibling of ``path`` renamed into place only on success."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.tmp: Path | None = None
+
+    def __enter__(self) -> IO[str]:
+        if self.path is None:
+            return sys.stdout
+        self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        self.handle = open(self.tmp, "w", encoding="utf-8", newline="\n")
+        return self.handle
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self.tmp is None:
+            sys.stdout.flush()
+            return
+        self.handle.close()
+        if exc_type is None:
+            os.replace(self.tmp, self.path)
+        else:
+            self.tmp.unlink(missing_ok=True)
+
+
+class _progress:
+    """A rich progress bar on stderr when it is a terminal; yields an ``advance(n)`` callable."""
+
+    def __init__(self, console, total: int, enabled: bool) -> None:
+        self.enabled = enabled and console.is_terminal
+        self.console = console
+        self.total = total
+
+    def __enter__(self):
+        if not self.enabled:
+            return None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+        self.bar = Progress(
+            "[progress.description]{task.description}",
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            console=self.console,
+            transient=True,
+        )
+        self.bar.start()
+        task = self.bar.add_task("scoring", total=self.total)
+        return lambda n: self.bar.advance(task, n)
+
+    def __exit__(self, *exc) -> None:
+        if self.enabled:
+            self.bar.stop()

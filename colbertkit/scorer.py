@@ -1,0 +1,259 @@
+"""Fast, exact MaxSim scoring of (query, passage) pairs with a loaded ColBERT model.
+
+Where the time goes is the encoder, so the scorer spends as little of it as possible:
+
+* every distinct query and passage of a window of pairs is encoded once;
+* texts are sorted by token length and batched, each batch padded only to its own longest
+  text (dynamic padding), so almost no compute goes to padding;
+* passages are scored against their queries as soon as their batch is encoded and then
+  dropped, so memory holds one window of query vectors and one batch of passage vectors;
+* input is streamed in windows; scores still come out in input order.
+
+Scores do not depend on batch size, batch-mates or padding: the maths lives in
+:mod:`colbertkit.scoring`, which masks padding exactly.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.nn.utils.rnn import pad_sequence
+
+from colbertkit.errors import UsageError
+from colbertkit.scoring import maxsim_pairs
+
+DEFAULT_BATCH_SIZE = 32
+DEFAULT_WINDOW = 4096  # pairs whose distinct texts are encoded together
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    """``auto`` picks cuda, then mps, then cpu; an explicit device must be available."""
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise UsageError(
+            f"--device {requested}: not a device (use auto, cpu, cuda, cuda:N or mps)"
+        ) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {requested}: CUDA is not available here; use --device cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device {requested}: MPS is not available here; use --device cpu")
+    return device
+
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name not in DTYPES:
+        raise UsageError(f"--dtype {name}: use one of {', '.join(DTYPES)}")
+    if name == "fp16" and device.type == "cpu":
+        raise UsageError("--dtype fp16 is not supported on CPU; use bf16 or fp32")
+    return DTYPES[name]
+
+
+@dataclass
+class _Encoded:
+    """Token vectors of a sorted batch of texts."""
+
+    indices: list[int]  # positions of the texts in the list given to the encoder
+    embeddings: torch.Tensor  # (B, L-1, D) float32, zeros at padding
+    mask: torch.Tensor  # (B, L-1)
+
+
+class PairScorer:
+    """Scores pairs with a :class:`colbertkit.model.ColBERT`; see the module doc."""
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        query_max_len: int,
+        passage_max_len: int,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        pad_floor: bool = False,
+        window: int = DEFAULT_WINDOW,
+    ) -> None:
+        if batch_size < 1:
+            raise UsageError(f"--batch-size {batch_size}: must be at least 1")
+        if query_max_len < 2 or passage_max_len < 2:
+            raise UsageError(
+                "--query-max-len and --passage-max-len must be at least 2 (CLS + one token)"
+            )
+        self.model = model
+        self.tokenizer = tokenizer
+        self.query_max_len = query_max_len
+        self.passage_max_len = passage_max_len
+        self.batch_size = batch_size
+        self.window = window
+        # The reference's padded passages hold passage_max_len - 1 vectors after CLS.
+        self.pad_to_length = passage_max_len - 1 if pad_floor else None
+        self.device = next(model.parameters()).device
+        # Tensor cores want lengths in multiples of 8; on CPU any extra token is waste.
+        self.length_multiple = 8 if self.device.type == "cuda" else 1
+
+    # --- encoding -------------------------------------------------------------------------
+
+    def tokenize(self, texts: Sequence[str], max_len: int) -> list[list[int]]:
+        if not texts:
+            return []  # the fast tokenizer fails on an empty batch
+        return self.tokenizer(
+            list(texts),
+            truncation=True,
+            max_length=max_len,
+            add_special_tokens=True,
+            return_attention_mask=False,
+            return_token_type_ids=False,
+        )["input_ids"]
+
+    def _encode_batches(self, texts: Sequence[str], max_len: int) -> Iterator[_Encoded]:
+        """Encode ``texts`` longest first, in batches padded to their own longest text."""
+        token_ids = self.tokenize(texts, max_len)
+        order = sorted(range(len(texts)), key=lambda i: len(token_ids[i]), reverse=True)
+        pad_id = self.tokenizer.pad_token_id or 0
+        for start in range(0, len(order), self.batch_size):
+            indices = order[start : start + self.batch_size]
+            longest = len(token_ids[indices[0]])
+            width = -(-longest // self.length_multiple) * self.length_multiple
+            input_ids = torch.full((len(indices), width), pad_id, dtype=torch.long)
+            attention_mask = torch.zeros((len(indices), width), dtype=torch.long)
+            for row, index in enumerate(indices):
+                ids = token_ids[index]
+                input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+                attention_mask[row, : len(ids)] = 1
+            embeddings, mask = self.model(
+                input_ids.to(self.device), attention_mask.to(self.device)
+            )  # (B, L-1, D), (B, L-1)
+            yield _Encoded(indices, embeddings, mask)
+
+    @torch.inference_mode()
+    def encode(self, texts: Sequence[str], max_len: int) -> list[torch.Tensor]:
+        """Real token vectors of each text: a list of (n_i - 1, D) float32 tensors."""
+        out: list[torch.Tensor] = [torch.empty(0)] * len(texts)
+        for batch in self._encode_batches(texts, max_len):
+            lengths = batch.mask.sum(dim=1).tolist()
+            for row, index in enumerate(batch.indices):
+                out[index] = batch.embeddings[row, : lengths[row]].clone()
+        return out
+
+    # --- scoring --------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def score(
+        self,
+        pairs: Iterable[tuple[str, str]],
+        progress: Callable[[int], None] | None = None,
+    ) -> Iterator[float]:
+        """Scores of ``pairs`` in input order; ``progress(n)`` is told of each n pairs done."""
+        iterator = iter(pairs)
+        query_cache: dict[str, torch.Tensor] = {}
+        while window := list(itertools.islice(iterator, self.window)):
+            scores, query_cache = self._score_window(window, query_cache, progress)
+            yield from scores
+
+    def _score_window(
+        self,
+        window: list[tuple[str, str]],
+        previous_queries: dict[str, torch.Tensor],
+        progress: Callable[[int], None] | None,
+    ) -> tuple[list[float], dict[str, torch.Tensor]]:
+        queries = list(dict.fromkeys(query for query, _ in window))
+        new_queries = [query for query in queries if query not in previous_queries]
+        encoded = dict(zip(new_queries, self.encode(new_queries, self.query_max_len), strict=True))
+        # Keep the vectors of this window's queries only: sorted inputs reuse them across the
+        # window boundary, and memory stays bounded by one window.
+        query_vectors = {
+            query: previous_queries.get(query, encoded.get(query)) for query in queries
+        }
+
+        passages = list(dict.fromkeys(passage for _, passage in window))
+        passage_index = {passage: i for i, passage in enumerate(passages)}
+        pairs_of_passage: list[list[int]] = [[] for _ in passages]
+        for pair_index, (_, passage) in enumerate(window):
+            pairs_of_passage[passage_index[passage]].append(pair_index)
+
+        scores = torch.empty(len(window))
+        for batch in self._encode_batches(passages, self.passage_max_len):
+            rows = [row for row, index in enumerate(batch.indices) for _ in pairs_of_passage[index]]
+            pair_indices = [p for index in batch.indices for p in pairs_of_passage[index]]
+            query_list = [query_vectors[window[p][0]] for p in pair_indices]
+            queries_embeddings = pad_sequence(query_list, batch_first=True)  # (N, Lq, D)
+            lengths = torch.tensor([len(q) for q in query_list], device=queries_embeddings.device)
+            queries_mask = (
+                torch.arange(queries_embeddings.shape[1], device=lengths.device) < lengths[:, None]
+            )
+            row_index = torch.tensor(rows, device=batch.embeddings.device)
+            batch_scores = maxsim_pairs(
+                queries_embeddings,
+                queries_mask,
+                batch.embeddings[row_index],  # (N, Ld, D)
+                batch.mask[row_index],
+                pad_to_length=self.pad_to_length,
+            )  # (N,)
+            scores[pair_indices] = batch_scores.float().cpu()
+            if progress is not None:
+                progress(len(pair_indices))
+        return scores.tolist(), query_vectors
+
+
+def rank_by_query(
+    qids: Sequence[str], scores: Sequence[float], top_k: int | None = None
+) -> list[tuple[int, int]]:
+    """(input index, rank) of each kept pair: queries in first-seen order, best score first.
+
+    Ties keep input order (the sort is stable); ranks start at 1.
+    """
+    groups: dict[str, list[int]] = {}
+    for index, qid in enumerate(qids):
+        groups.setdefault(qid, []).append(index)
+    ranked: list[tuple[int, int]] = []
+    for indices in groups.values():
+        ordered = sorted(indices, key=lambda i: -scores[i])
+        if top_k is not None:
+            ordered = ordered[:top_k]
+        ranked.extend((index, rank) for rank, index in enumerate(ordered, start=1))
+    return ranked
+
+
+def score_pairs(
+    checkpoint: str,
+    pairs: Iterable[tuple[str, str]],
+    *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    query_max_len: int | None = None,
+    passage_max_len: int | None = None,
+    device: str = "auto",
+    dtype: str = "fp32",
+    pad_floor: bool = False,
+    **load_options: Any,
+) -> list[float]:
+    """Load ``checkpoint`` and return the MaxSim score of each (query, passage) pair.
+
+    Lengths default to the checkpoint's metadata, else 128 / 512.
+    """
+    from colbertkit.checkpoint import load_checkpoint
+
+    target = pick_device(device)
+    loaded = load_checkpoint(
+        checkpoint, device=str(target), dtype=pick_dtype(dtype, target), **load_options
+    )
+    scorer = PairScorer(
+        loaded.model,
+        loaded.tokenizer,
+        query_max_len=query_max_len or loaded.query_max_len,
+        passage_max_len=passage_max_len or loaded.passage_max_len,
+        batch_size=batch_size,
+        pad_floor=pad_floor,
+    )
+    return list(scorer.score(pairs))

@@ -1,0 +1,112 @@
+"""Shared fixtures: a tiny BERT + WordPiece tokenizer + head, saved in every layout.
+
+Nothing here downloads: the model is built from a config, the vocabulary is written by hand.
+"""
+
+from __future__ import annotations
+
+import os
+import string
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+_WORD_TEXT = """
+the a an of to in and is are was for on with by at from what how why who when where
+which does do can cat cats dog dogs fish bird animal animals pet pets eat eats food
+milk water river sea ocean boat ship sail swim run fast slow big small red blue green
+sky sun moon star night day paris france london england city capital country europe
+python code program computer language model retrieval search query passage document
+score rank train data test good bad new old time year people world music song play game
+ball team win history science physics chemistry math number one two three four
+"""
+WORDS = _WORD_TEXT.split()
+
+COLBERT_DIM = 16
+HIDDEN = 32
+
+
+def build_vocab() -> list[str]:
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    chars = list(string.ascii_lowercase + string.digits + string.punctuation)
+    pieces = ["##" + c for c in string.ascii_lowercase + string.digits]
+    return specials + chars + pieces + sorted(set(WORDS) - set(chars))
+
+
+def _build_tiny():
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    vocab = build_vocab()
+    tokenizer = BertTokenizer(vocab={token: i for i, token in enumerate(vocab)}, do_lower_case=True)
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=HIDDEN,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=512,
+    )
+    torch.manual_seed(0)
+    encoder = BertModel(config).eval()
+    head = torch.nn.Linear(HIDDEN, COLBERT_DIM)
+    return encoder, tokenizer, head
+
+
+@pytest.fixture(scope="session")
+def tiny_parts():
+    """(encoder, tokenizer, head) of the tiny model, in memory."""
+    return _build_tiny()
+
+
+@pytest.fixture(scope="session")
+def encoder_dir(tmp_path_factory, tiny_parts) -> Path:
+    """A bare Hugging Face encoder directory (safetensors), no ColBERT head."""
+    encoder, tokenizer, _ = tiny_parts
+    path = tmp_path_factory.mktemp("encoder")
+    encoder.save_pretrained(str(path))
+    tokenizer.save_pretrained(str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def reference_dir(tmp_path_factory, tiny_parts) -> Path:
+    """The reference layout: encoder (model.safetensors) + colbert_linear.pt."""
+    import torch
+
+    encoder, tokenizer, head = tiny_parts
+    path = tmp_path_factory.mktemp("reference")
+    encoder.save_pretrained(str(path))
+    tokenizer.save_pretrained(str(path))
+    torch.save(head.state_dict(), path / "colbert_linear.pt")
+    return path
+
+
+@pytest.fixture(scope="session")
+def reference_bin_dir(tmp_path_factory, tiny_parts) -> Path:
+    """The older reference layout: pytorch_model.bin + colbert_linear.pt."""
+    import torch
+
+    encoder, tokenizer, head = tiny_parts
+    path = tmp_path_factory.mktemp("reference_bin")
+    encoder.config.save_pretrained(str(path))
+    torch.save(encoder.state_dict(), path / "pytorch_model.bin")
+    tokenizer.save_pretrained(str(path))
+    torch.save(head.state_dict(), path / "colbert_linear.pt")
+    return path
+
+
+@pytest.fixture(scope="session")
+def colbertkit_dir(tmp_path_factory, tiny_parts) -> Path:
+    """colbertkit's own layout, written by save_checkpoint."""
+    from colbertkit.checkpoint import save_checkpoint
+    from colbertkit.model import ColBERT
+
+    encoder, tokenizer, head = tiny_parts
+    path = tmp_path_factory.mktemp("ck") / "model"
+    save_checkpoint(ColBERT(encoder, head), tokenizer, path, query_max_len=32, passage_max_len=64)
+    return path

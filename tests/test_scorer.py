@@ -1,0 +1,145 @@
+"""The batched pair scorer against independent computations of the same formula."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from colbertkit.checkpoint import load_checkpoint
+from colbertkit.model import ColBERT
+from colbertkit.scorer import PairScorer, rank_by_query
+
+PAIRS = [
+    ("what is the capital of france", "paris is the capital of france"),
+    ("what is the capital of france", "the cat eats fish"),
+    ("how do fish swim", "fish swim in the sea and the river with small fins"),
+    ("how do fish swim", "paris is the capital of france"),
+    ("dogs", "a big red dog and a small blue dog play with a ball in the park at night"),
+    ("who won the game", "the team won the game"),
+]
+
+
+@pytest.fixture(scope="module")
+def loaded(reference_dir):
+    return load_checkpoint(reference_dir)
+
+
+def independent_score(encoder, head, tokenizer, query, passage, max_q=128, max_p=512):
+    """One pair, no batching, no padding: the formula written out directly."""
+
+    def vectors(text, max_len):
+        encoded = tokenizer(text, truncation=True, max_length=max_len, return_tensors="pt")
+        hidden = encoder(
+            input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"]
+        ).last_hidden_state[0]
+        return F.normalize(head(hidden[1:]), dim=-1)  # drop CLS, no padding to mask
+
+    with torch.no_grad():
+        q = vectors(query, max_q)
+        d = vectors(passage, max_p)
+        return (q @ d.T).max(dim=1).values.sum().item() / q.shape[0]
+
+
+def reference_padded_score(encoder, head, tokenizer, query, passage, max_q, max_p):
+    """The reference: pad both sides to max length; zero vectors take part in the max."""
+
+    def vectors(text, max_len):
+        encoded = tokenizer(
+            text, truncation=True, max_length=max_len, padding="max_length", return_tensors="pt"
+        )
+        hidden = encoder(
+            input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"]
+        ).last_hidden_state
+        mask = encoded["attention_mask"][:, 1:]
+        vectors = head(hidden[:, 1:]) * mask[:, :, None]
+        return F.normalize(vectors, dim=-1)[0], mask[0]
+
+    with torch.no_grad():
+        q, q_mask = vectors(query, max_q)
+        d, _ = vectors(passage, max_p)
+        return ((q @ d.T).max(dim=1).values.sum() / q_mask.sum()).item()
+
+
+def make_scorer(loaded, **options):
+    defaults = dict(query_max_len=128, passage_max_len=512, batch_size=4)
+    defaults.update(options)
+    return PairScorer(loaded.model, loaded.tokenizer, **defaults)
+
+
+def test_scores_match_independent_per_pair_computation(loaded, tiny_parts):
+    encoder, tokenizer, head = tiny_parts
+    scores = list(make_scorer(loaded).score(PAIRS))
+    expected = [independent_score(encoder, head, tokenizer, q, p) for q, p in PAIRS]
+    assert scores == pytest.approx(expected, abs=1e-5)
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 3, 64])
+@pytest.mark.parametrize("window", [1, 2, 5, 4096])
+def test_scores_do_not_depend_on_batch_size_window_or_batch_mates(loaded, batch_size, window):
+    base = list(make_scorer(loaded, batch_size=1, window=1).score(PAIRS))
+    scores = list(make_scorer(loaded, batch_size=batch_size, window=window).score(PAIRS))
+    assert scores == pytest.approx(base, abs=1e-5)
+    # Each pair alone (no batch-mates at all) gives the same score too.
+    alone = [next(make_scorer(loaded).score([pair])) for pair in PAIRS]
+    assert alone == pytest.approx(base, abs=1e-5)
+
+
+@pytest.fixture(scope="module")
+def centred(tiny_parts):
+    """The tiny model with a head that centres its vectors, so that many similarities are
+    negative (the random BERT's vectors all point one way) and the floor matters."""
+    encoder, tokenizer, head = tiny_parts
+    centred_head = torch.nn.Linear(head.in_features, head.out_features)
+    with torch.no_grad():
+        texts = [text for pair in PAIRS for text in pair]
+        encoded = tokenizer(texts, padding=True, return_tensors="pt")
+        hidden = encoder(**encoded).last_hidden_state[encoded["attention_mask"].bool()]
+        centred_head.weight.copy_(head.weight)
+        centred_head.bias.copy_(-head.weight @ hidden.mean(dim=0))
+    return encoder, tokenizer, centred_head
+
+
+def test_pad_floor_matches_the_reference_implementation(centred):
+    encoder, tokenizer, head = centred
+    model = ColBERT(encoder, head).eval()
+    floor = PairScorer(model, tokenizer, query_max_len=16, passage_max_len=12, pad_floor=True)
+    pairs = [
+        *PAIRS,
+        ("what is the capital of france", "cat"),
+        ("cat", "cat"),
+        ("cat", "one two three four " * 10),  # fills all 12 tokens: no padding, no floor
+    ]
+    scores = list(floor.score(pairs))
+    expected = [reference_padded_score(encoder, head, tokenizer, q, p, 16, 12) for q, p in pairs]
+    assert scores == pytest.approx(expected, abs=1e-5)
+    # The floor only ever raises a score, and changes some of these.
+    exact_scorer = PairScorer(model, tokenizer, query_max_len=16, passage_max_len=12)
+    exact = list(exact_scorer.score(pairs))
+    assert all(f >= e - 1e-6 for f, e in zip(scores, exact, strict=True))
+    assert any(f > e + 1e-4 for f, e in zip(scores, exact, strict=True))
+
+
+def test_truncation_follows_max_lengths(loaded, tiny_parts):
+    encoder, tokenizer, head = tiny_parts
+    scorer = make_scorer(loaded, query_max_len=4, passage_max_len=6)
+    scores = list(scorer.score(PAIRS))
+    expected = [independent_score(encoder, head, tokenizer, q, p, 4, 6) for q, p in PAIRS]
+    assert scores == pytest.approx(expected, abs=1e-5)
+
+
+def test_encode_returns_real_token_vectors_only(loaded):
+    scorer = make_scorer(loaded)
+    texts = ["cat", "the big red dog"]
+    vectors = scorer.encode(texts, 32)
+    lengths = [len(ids) - 1 for ids in scorer.tokenize(texts, 32)]  # minus CLS
+    assert [v.shape[0] for v in vectors] == lengths
+    for v in vectors:
+        assert torch.allclose(v.norm(dim=-1), torch.ones(v.shape[0]), atol=1e-5)
+
+
+def test_rank_by_query_sorts_within_query_keeps_query_order_and_top_k():
+    qids = ["q2", "q1", "q2", "q1", "q2"]
+    scores = [0.1, 0.5, 0.9, 0.5, 0.3]
+    assert rank_by_query(qids, scores) == [(2, 1), (4, 2), (0, 3), (1, 1), (3, 2)]
+    assert rank_by_query(qids, scores, top_k=1) == [(2, 1), (1, 1)]
