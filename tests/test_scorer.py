@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -143,3 +145,11 @@ def test_rank_by_query_sorts_within_query_keeps_query_order_and_top_k():
     scores = [0.1, 0.5, 0.9, 0.5, 0.3]
     assert rank_by_query(qids, scores) == [(2, 1), (4, 2), (0, 3), (1, 1), (3, 2)]
     assert rank_by_query(qids, scores, top_k=1) == [(2, 1), (1, 1)]
+
+
+def test_scoring_streams_its_input_in_windows(loaded):
+    # An endless input: the scorer must yield scores without reading it to the end.
+    endless = itertools.cycle(PAIRS)
+    first = list(itertools.islice(make_scorer(loaded, window=4).score(endless), 2 * len(PAIRS)))
+    base = list(make_scorer(loaded).score(PAIRS))
+    assert first == pytest.approx(base * 2, abs=1e-5)

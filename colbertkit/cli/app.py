@@ -7,7 +7,7 @@ import os
 import typer
 
 from colbertkit import __version__
-from colbertkit.cli import score
+from colbertkit.cli import score, validate
 from colbertkit.cli._common import DEBUG_ENV
 
 app = typer.Typer(
@@ -40,6 +40,7 @@ def _global_options(
 
 
 app.command("score", no_args_is_help=True)(score.score_command)
+app.command("validate-data", no_args_is_help=True)(validate.validate_command)
 
 
 def main() -> None:

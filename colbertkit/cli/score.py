@@ -138,15 +138,19 @@ def score_command(
             with _progress(console, source.count, progress and not quiet) as advance:
                 texts = ((pair.query, pair.passage) for pair in source.pairs())
                 scored = zip(source.pairs(), scorer.score(texts, progress=advance), strict=True)
-                if fmt != OutputFormat.table and not rank:
+                if fmt == OutputFormat.table:
+                    results = list(scored)  # a table is for a terminal: small inputs
+                elif rank:
+                    # Ranking needs every score first; keep ids and scores, not texts.
+                    qids_and_scores = [(pair.qid, score) for pair, score in scored]
+                else:
                     for pair, score in scored:  # streamed: memory stays bounded
                         out.write(_format_line(pair, score, fmt))
                     return
-                results = list(scored)  # a table or a ranking needs every score first
             if fmt == OutputFormat.table:
                 _print_table(results, rank, top_k, out)
             else:
-                _write_ranked(results, top_k, fmt, out)
+                _write_ranked(source, qids_and_scores, top_k, fmt, out)
     finally:
         source.close()
 
@@ -185,12 +189,15 @@ def _format_line(pair, score: float, fmt: OutputFormat, rank: int | None = None)
     return "\t".join(columns) + "\n"
 
 
-def _write_ranked(scored, top_k, fmt, out: IO[str]) -> None:
+def _write_ranked(source, qids_and_scores, top_k, fmt, out: IO[str]) -> None:
+    """Write the kept pairs best first; their texts are read again from the checked input."""
     from colbertkit.scorer import rank_by_query
 
-    pairs = [pair for pair, _ in scored]
-    scores = [score for _, score in scored]
-    for index, position in rank_by_query([p.qid for p in pairs], scores, top_k):
+    scores = [score for _, score in qids_and_scores]
+    order = rank_by_query([qid for qid, _ in qids_and_scores], scores, top_k)
+    kept = {index for index, _ in order}
+    pairs = {index: pair for index, pair in enumerate(source.pairs()) if index in kept}
+    for index, position in order:
         out.write(_format_line(pairs[index], scores[index], fmt, position))
 
 
