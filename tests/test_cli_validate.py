@@ -166,12 +166,3 @@ def test_help_is_fast_and_lists_the_command():
     assert out.stdout.strip() == "False False"
     result = runner.invoke(app, ["--help"])
     assert "validate-data" in result.stdout
-
-
-def test_progress_bar_only_on_a_terminal_for_large_files():
-    from colbertkit.cli.validate import PROGRESS_MIN_BYTES, _Progress
-
-    with _Progress(PROGRESS_MIN_BYTES * 10, enabled=True) as advance:
-        assert advance is None  # stderr is not a terminal under pytest
-    with _Progress(10, enabled=True) as advance:
-        assert advance is None

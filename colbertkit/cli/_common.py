@@ -9,7 +9,8 @@ from __future__ import annotations
 import functools
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import typer
@@ -53,3 +54,31 @@ def handle_errors(command: F) -> F:
             raise typer.Exit(code=130) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+@contextmanager
+def progress_bar(
+    description: str, total: int, *, enabled: bool = True, bytes_unit: bool = False
+) -> Iterator[Callable[[int], None] | None]:
+    """A transient rich progress bar on stderr; yields ``advance(n)``, or None when off.
+
+    Shown only when stderr is a terminal, so pipes and logs stay clean.
+    """
+    console = stderr_console()
+    if not (enabled and console.is_terminal):
+        yield None
+        return
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        MofNCompleteColumn,
+        Progress,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    counters = (DownloadColumn(), TransferSpeedColumn()) if bytes_unit else (MofNCompleteColumn(),)
+    columns = ("[progress.description]{task.description}", BarColumn(), *counters)
+    with Progress(*columns, TimeRemainingColumn(), console=console, transient=True) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda n: bar.advance(task, n)

@@ -11,7 +11,7 @@ from typing import IO
 
 import typer
 
-from colbertkit.cli._common import handle_errors, stderr_console
+from colbertkit.cli._common import handle_errors, progress_bar, stderr_console
 from colbertkit.errors import UsageError
 
 
@@ -135,7 +135,7 @@ def score_command(
                 highlight=False,
             )
         with _open_output(output) as out:
-            with _progress(console, source.count, progress and not quiet) as advance:
+            with progress_bar("scoring", source.count, enabled=progress and not quiet) as advance:
                 texts = ((pair.query, pair.passage) for pair in source.pairs())
                 scored = zip(source.pairs(), scorer.score(texts, progress=advance), strict=True)
                 if fmt == OutputFormat.table:
@@ -261,33 +261,3 @@ class _open_output:
             os.replace(self.tmp, self.path)
         else:
             self.tmp.unlink(missing_ok=True)
-
-
-class _progress:
-    """A rich progress bar on stderr when it is a terminal; yields an ``advance(n)`` callable."""
-
-    def __init__(self, console, total: int, enabled: bool) -> None:
-        self.enabled = enabled and console.is_terminal
-        self.console = console
-        self.total = total
-
-    def __enter__(self):
-        if not self.enabled:
-            return None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
-
-        self.bar = Progress(
-            "[progress.description]{task.description}",
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeRemainingColumn(),
-            console=self.console,
-            transient=True,
-        )
-        self.bar.start()
-        task = self.bar.add_task("scoring", total=self.total)
-        return lambda n: self.bar.advance(task, n)
-
-    def __exit__(self, *exc) -> None:
-        if self.enabled:
-            self.bar.stop()

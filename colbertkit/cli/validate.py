@@ -15,7 +15,7 @@ from typing import Any
 
 import typer
 
-from colbertkit.cli._common import handle_errors, stderr_console
+from colbertkit.cli._common import handle_errors, progress_bar
 from colbertkit.errors import ColbertkitError
 
 # Files smaller than this validate in about a second: no progress bar.
@@ -87,7 +87,8 @@ def validate_command(
     from colbertkit.validation import validate_dataset
 
     total_bytes = sum(path.stat().st_size for path in (file, eval_file) if path and path.is_file())
-    with _Progress(total_bytes, enabled=progress) as advance:
+    show = progress and total_bytes >= PROGRESS_MIN_BYTES
+    with progress_bar("validating", total_bytes, enabled=show, bytes_unit=True) as advance:
         report = validate_dataset(
             file,
             neg_nums=neg_nums,
@@ -115,43 +116,6 @@ def validate_command(
         raise ColbertkitError(report.summary_line())
     if strict and report.warning_count:
         raise ColbertkitError(f"{report.summary_line()}; --strict treats warnings as errors")
-
-
-class _Progress:
-    """A byte-based rich progress bar on stderr, only for large files on a terminal."""
-
-    def __init__(self, total: int, enabled: bool) -> None:
-        self.console = stderr_console()
-        self.enabled = enabled and total >= PROGRESS_MIN_BYTES and self.console.is_terminal
-        self.total = total
-
-    def __enter__(self):
-        if not self.enabled:
-            return None
-        from rich.progress import (
-            BarColumn,
-            DownloadColumn,
-            Progress,
-            TimeRemainingColumn,
-            TransferSpeedColumn,
-        )
-
-        self.bar = Progress(
-            "[progress.description]{task.description}",
-            BarColumn(),
-            DownloadColumn(),
-            TransferSpeedColumn(),
-            TimeRemainingColumn(),
-            console=self.console,
-            transient=True,
-        )
-        self.bar.start()
-        task = self.bar.add_task("validating", total=self.total)
-        return lambda n: self.bar.advance(task, n)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.enabled:
-            self.bar.stop()
 
 
 # --------------------------------------------------------------------------------------------
