@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import pickle
 import re
 import shutil
 from collections.abc import Iterator
@@ -210,13 +211,14 @@ def load_head_state(file: Path) -> dict[str, Any]:
     else:
         try:
             state = torch.load(file, map_location="cpu", weights_only=True)
-        except Exception as error:
-            first = (
-                str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            )
+        except pickle.UnpicklingError as error:
             raise CheckpointError(
                 f"{file}: refused to unpickle (only plain tensors are loaded, weights_only=True): "
-                f"{first[:200]}; re-save the head as a plain state dict or safetensors"
+                f"{_first_line(error)[:200]}; re-save the head as a plain state dict or safetensors"
+            ) from error
+        except Exception as error:  # truncated, not a torch file, ...
+            raise CheckpointError(
+                f"{file}: cannot read it ({_first_line(error)[:200]}); is it complete?"
             ) from error
         if not isinstance(state, dict):
             raise CheckpointError(f"{file}: expected a state dict with weight and bias")
@@ -253,11 +255,15 @@ def load_checkpoint(
     notes = [f"found {layout.describe()}"]
     try:
         with _quiet_transformers():
-            encoder = AutoModel.from_pretrained(
-                str(path), trust_remote_code=trust_remote_code, dtype=dtype or torch.float32
+            encoder, loading = AutoModel.from_pretrained(
+                str(path),
+                trust_remote_code=trust_remote_code,
+                dtype=dtype or torch.float32,
+                output_loading_info=True,
             )
     except Exception as error:
         raise CheckpointError(f"{path}: cannot load the encoder ({_first_line(error)})") from error
+    _check_loading(path, layout, loading)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except Exception as error:
@@ -307,6 +313,23 @@ def load_checkpoint(
         passage_max_len=metadata.passage_max_len if metadata else DEFAULT_PASSAGE_MAX_LEN,
         notes=notes,
     )
+
+
+def _check_loading(path: Path, layout: CheckpointLayout, loading: dict[str, Any]) -> None:
+    """Weights the checkpoint lacks would be random: an error, not a silent guess.
+
+    The pooler is the exception: ColBERT never uses it, and many checkpoints leave it out.
+    """
+    missing = sorted(k for k in loading.get("missing_keys", ()) if not k.startswith("pooler."))
+    mismatched = sorted(str(item[0]) for item in loading.get("mismatched_keys", ()))
+    if missing or mismatched:
+        names = missing or mismatched
+        problem = "missing from" if missing else "of another shape in"
+        raise CheckpointError(
+            f"{path}: {len(names)} encoder weights are {problem} {layout.encoder_weights.name} "
+            f"(e.g. {names[0]}) and would be random; is it a model of another architecture "
+            "or with renamed keys?"
+        )
 
 
 def save_checkpoint(

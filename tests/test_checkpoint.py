@@ -202,3 +202,25 @@ def test_save_then_load_round_trip_scores_identically(reference_dir, tmp_path):
     loaded = load_checkpoint(reference_dir)
     out = save_checkpoint(loaded.model, loaded.tokenizer, tmp_path / "again")
     assert scores_of(Path(out)) == pytest.approx(scores_of(reference_dir), abs=1e-6)
+
+
+def test_encoder_weights_under_other_names_are_an_error_not_random(reference_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    checkpoint = tmp_path / "renamed"
+    shutil.copytree(reference_dir, checkpoint)
+    state = load_file(checkpoint / "model.safetensors")
+    save_file({f"foo.{k}": v for k, v in state.items()}, checkpoint / "model.safetensors")
+    with pytest.raises(
+        CheckpointError, match=r"encoder weights are missing from model\.safetensors"
+    ):
+        load_checkpoint(checkpoint)
+
+
+def test_truncated_head_pickle_is_reported_as_unreadable(reference_dir, tmp_path):
+    checkpoint = tmp_path / "truncated"
+    shutil.copytree(reference_dir, checkpoint)
+    data = (checkpoint / "colbert_linear.pt").read_bytes()
+    (checkpoint / "colbert_linear.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="cannot read it"):
+        load_checkpoint(checkpoint)
