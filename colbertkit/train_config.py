@@ -1,0 +1,266 @@
+"""The training configuration: one pydantic model, every setting of :func:`colbertkit.train`.
+
+``TrainConfig`` rejects unknown keys (naming the nearest valid one), keeps per-field
+constraints in ``Field``s and cross-field rules in validators whose messages say what to
+change. The launcher's YAML profile wraps it and adds a ``distributed:`` section; nothing here
+depends on the machine it is validated on (device checks such as "fp16 needs a GPU" happen
+when training starts).
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from colbertkit.errors import UsageError
+
+# Names users bring from the reference scripts and Hugging Face's Trainer.
+_FAMILIAR_NAMES = {
+    "learning_rate": "lr",
+    "num_train_epochs": "epochs",
+    "train_batch_size": "batch_size",
+    "per_device_train_batch_size": "batch_size",
+    "warmup_ratio": "warmup_proportion",
+    "model_name_or_path": "model",
+    "train_dataset": "dataset",
+    "max_steps_per_epoch": "max_steps",
+    "save_total_limit": "num_max_checkpoints",
+    "fp16": "mixed_precision",
+    "bf16": "mixed_precision",
+    "report_to": "log_with",
+}
+
+# Settings that may differ between a run and its resumption without changing the result.
+RESUMABLE_CHANGES = frozenset(
+    {
+        "output_dir",
+        "resume_from",
+        "progress_bar",
+        "logging_steps",
+        "log_with",
+        "tracker_project",
+        "run_name",
+        "save_steps",
+        "save_each_epoch",
+        "num_max_checkpoints",
+        "save_reference_layout",
+        "eval_dataset",
+        "eval_steps",
+        "eval_each_epoch",
+        "eval_at_start",
+        "eval_batch_size",
+        "recall_at",
+        "best_metric",
+        "expected_num_processes",
+    }
+)
+
+
+class TrainConfig(BaseModel):
+    """Everything one training run needs. Lengths are in tokens, batch sizes in queries."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # -- what to train on what ----------------------------------------------------------------
+    model: str = Field(
+        description="Checkpoint to start from: a directory (any layout), a packaged model name "
+        "or a hub id."
+    )
+    dataset: Path = Field(description='Training jsonl: {"query", "pos": [...], "neg": [...]}.')
+    output_dir: Path = Field(description="Where checkpoints, metrics and the final model go.")
+    eval_dataset: Path | None = Field(
+        default=None, description="Held-out jsonl in the same format; each query reranks pos + neg."
+    )
+    fresh_head: bool = Field(
+        default=False,
+        description="Attach a new ColBERT head even if the checkpoint has one. A checkpoint "
+        "without a head (a plain encoder) always gets a fresh one.",
+    )
+    colbert_dim: int | None = Field(
+        default=None, gt=0, description="Size of a fresh head (default 128); a check otherwise."
+    )
+    trust_remote_code: bool = False
+
+    # -- examples -----------------------------------------------------------------------------
+    query_max_len: int = Field(default=128, ge=2, le=8192)
+    passage_max_len: int = Field(default=512, ge=2, le=8192)
+    neg_nums: int = Field(default=15, ge=0, description="Hard negatives per example.")
+    negatives_sampling: Literal["per_epoch", "once"] = Field(
+        default="per_epoch",
+        description="Draw each example's negatives anew every epoch (seeded), or once for the "
+        "whole run like the reference.",
+    )
+
+    # -- loss -----------------------------------------------------------------------------------
+    temperature: float = Field(default=0.02, gt=0)
+    other_positives_as_negatives: bool = Field(
+        default=False,
+        description="Also use the other queries' positives in the batch as negatives "
+        "(the reference does not).",
+    )
+    gather_across_processes: bool = Field(
+        default=False,
+        description="Gather passages from all processes so every query sees the negatives of "
+        "the whole global batch (gradients flow back to every process).",
+    )
+    grad_cache: bool = Field(
+        default=False,
+        description="Gradient caching: the loss of the whole batch at the memory of one "
+        "encode_chunk_size chunk (about 1.3x the compute).",
+    )
+
+    # -- optimisation ---------------------------------------------------------------------------
+    batch_size: int = Field(default=4, ge=1, description="Queries per process per micro-batch.")
+    gradient_accumulation_steps: int = Field(default=1, ge=1)
+    epochs: int = Field(default=1, ge=1)
+    max_steps: int | None = Field(
+        default=None, ge=1, description="Stop after this many optimizer steps (overrides epochs)."
+    )
+    lr: float = Field(default=2e-5, gt=0, le=1)
+    weight_decay: float = Field(default=0.01, ge=0)
+    warmup_proportion: float = Field(default=0.1, ge=0, lt=1)
+    max_grad_norm: float | None = Field(default=1.0, gt=0)
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    gradient_checkpointing: bool = False
+    train_head_only: bool = Field(
+        default=False, description="Freeze the encoder; train the ColBERT head only."
+    )
+    seed: int = Field(default=42, ge=0)
+
+    # -- speed ----------------------------------------------------------------------------------
+    encode_chunk_size: int | None = Field(
+        default=8,
+        ge=1,
+        description="Encode sequences in length-sorted chunks of this many, each padded to its "
+        "own longest (less padding work); null encodes a whole batch at once.",
+    )
+    pad_to_multiple_of: int | None = Field(
+        default=None,
+        ge=1,
+        description="Pad lengths to a multiple of this (default: 8 on GPU, 1 on CPU).",
+    )
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    save_steps: int | None = Field(default=None, ge=1, description="Checkpoint every N steps.")
+    save_each_epoch: bool = True
+    num_max_checkpoints: int | None = Field(
+        default=3, ge=1, description="Keep at most this many training checkpoints (null: all)."
+    )
+    save_reference_layout: bool = Field(
+        default=False,
+        description="Also write the final model in the reference layout (colbert_linear.pt).",
+    )
+    resume_from: str | None = Field(
+        default=None, description="'latest' (newest checkpoint in output_dir) or a checkpoint path."
+    )
+
+    # -- evaluation -----------------------------------------------------------------------------
+    eval_steps: int | None = Field(default=None, ge=1)
+    eval_each_epoch: bool = True
+    eval_at_start: bool = False
+    eval_batch_size: int = Field(default=32, ge=1, description="Sequences per eval forward.")
+    recall_at: list[int] = Field(default_factory=lambda: [5, 10], min_length=1)
+    best_metric: str | None = Field(
+        default="mrr@10",
+        description="Keep the model that is best by this eval metric in output_dir/best "
+        "(null: do not keep one).",
+    )
+
+    # -- logging --------------------------------------------------------------------------------
+    log_with: Literal["none", "wandb", "tensorboard"] = "none"
+    tracker_project: str = "colbertkit"
+    run_name: str | None = None
+    logging_steps: int = Field(default=10, ge=1)
+    progress_bar: bool = True
+
+    # -- distribution ---------------------------------------------------------------------------
+    expected_num_processes: int | None = Field(
+        default=None,
+        ge=1,
+        description="Fail unless the run really has this many processes (catches launches that "
+        "silently start independent single-process trainings).",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _reject_unknown_keys(cls, data: Any) -> Any:
+        if isinstance(data, Mapping):
+            known = set(cls.model_fields)
+            for key in data:
+                if key not in known:
+                    nearest = difflib.get_close_matches(str(key), sorted(known), n=1, cutoff=0.5)
+                    if str(key) in _FAMILIAR_NAMES:
+                        nearest = [_FAMILIAR_NAMES[str(key)]]
+                    hint = (
+                        f"did you mean '{nearest[0]}'?"
+                        if nearest
+                        else "the settings are listed in colbertkit.TrainConfig"
+                    )
+                    raise ValueError(f"unknown setting '{key}' ({hint})")
+        return data
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> TrainConfig:
+        if self.neg_nums == 0 and not self.other_positives_as_negatives:
+            raise ValueError(
+                "neg_nums 0 leaves only the positive in each query's logits (a zero loss); "
+                "set neg_nums >= 1 or other_positives_as_negatives: true"
+            )
+        if self.grad_cache and self.encode_chunk_size is None:
+            raise ValueError(
+                "grad_cache needs encode_chunk_size (the sequences encoded at a time); "
+                "set encode_chunk_size, e.g. 8"
+            )
+        if self.train_head_only and self.gradient_checkpointing:
+            raise ValueError(
+                "gradient_checkpointing saves nothing with train_head_only (the encoder gets no "
+                "gradients); turn gradient_checkpointing off"
+            )
+        if self.eval_dataset is None and self.eval_steps is not None:
+            raise ValueError(
+                "eval_steps is set but eval_dataset is not; set eval_dataset or drop eval_steps"
+            )
+        if self.recall_at and min(self.recall_at) < 1:
+            raise ValueError("recall_at values must be at least 1, e.g. [5, 10]")
+        if self.best_metric is not None and self.best_metric not in self.metric_names():
+            raise ValueError(
+                f"best_metric '{self.best_metric}' is not computed; choose one of "
+                f"{', '.join(self.metric_names())} (recall@k needs k in recall_at)"
+            )
+        if self.resume_from is not None and not self.resume_from.strip():
+            raise ValueError("resume_from is empty; use 'latest' or a checkpoint directory")
+        return self
+
+    def metric_names(self) -> list[str]:
+        """The eval metrics this configuration computes, in log order."""
+        return ["mrr@10", "ndcg@10", *(f"recall@{k}" for k in sorted(set(self.recall_at)))]
+
+
+def load_train_config(settings: TrainConfig | Mapping[str, Any]) -> TrainConfig:
+    """A ``TrainConfig`` from a mapping, with errors turned into one readable UsageError.
+
+    Each problem is reported as ``setting: message``, e.g.
+    ``invalid training configuration: lr: Input should be greater than 0``.
+    """
+    if isinstance(settings, TrainConfig):
+        return settings
+    try:
+        return TrainConfig.model_validate(dict(settings))
+    except ValidationError as error:
+        raise UsageError(
+            f"invalid training configuration: {describe_validation_error(error)}"
+        ) from None
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    """``setting: message; setting: message`` for each problem pydantic found."""
+    problems = []
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"])
+        message = item["msg"].removeprefix("Value error, ")
+        problems.append(f"{where}: {message}" if where else message)
+    return "; ".join(problems)

@@ -1,0 +1,1016 @@
+"""The training engine: ColBERT contrastive fine-tuning on accelerate.
+
+``train(config)`` runs one training, on one process or under ``accelerate launch`` (DDP over
+NCCL or gloo, FSDP on GPUs). The loop reads top to bottom:
+
+1. set-up: accelerator, output directory, data, model, optimizer and schedule, resumption;
+2. for each optimizer step: micro-batches (gradient accumulation), each encoded in
+   length-sorted chunks, the loss from embeddings (plain or GradCache), then clip, step, log,
+   evaluate, checkpoint;
+3. the final model in colbertkit's layout (and the reference layout on request).
+
+Who does what across processes: every process encodes its own shard of each global batch;
+collectives (DDP gradient reduction, passage gathering, loss averaging for the log, FSDP
+state-dict gathering) run on every process at the same points; only the main process writes
+files, prints and logs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from colbertkit import __version__
+from colbertkit.collate import (
+    Collator,
+    TokenizedBatch,
+    epoch_examples,
+    length_sorted_chunks,
+    process_batches,
+)
+from colbertkit.errors import ColbertkitError, UsageError
+from colbertkit.losses import (
+    contrastive_loss,
+    gather_passages,
+    grad_cache_backward,
+    grouped_positive_columns,
+    plain_backward,
+)
+from colbertkit.train_config import RESUMABLE_CHANGES, TrainConfig, load_train_config
+
+CHECKPOINTS_DIR = "checkpoints"
+FINAL_MODEL_DIR = "model"
+REFERENCE_MODEL_DIR = "model-reference"
+BEST_MODEL_DIR = "best"
+CONFIG_FILE = "train_config.json"
+TRAINER_STATE_FILE = "trainer_state.json"
+_CHECKPOINT_NAME = re.compile(r"^step-(\d+)$")
+
+
+# --------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    """What a finished run produced (the same on every process)."""
+
+    output_dir: Path
+    model_dir: Path
+    global_step: int
+    last_loss: float | None
+    eval_history: list[dict[str, float]] = field(default_factory=list)
+    best_metric: float | None = None
+
+
+@dataclass
+class Progress:
+    """The data position and counters; saved as ``trainer_state.json`` in every checkpoint."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # epoch in progress
+    batch: int = 0  # next batch of that epoch (index into this process's batch list)
+    best_value: float | None = None
+    best_step: int | None = None
+
+
+class ChunkEncoder(nn.Module):
+    """The module given to accelerate: one forward encodes a list of padded chunks.
+
+    Plain steps encode queries and passages in a single forward, which is what DDP and FSDP
+    expect (one forward, one backward per step). ``colbert`` is the :class:`ColBERT` model.
+    """
+
+    def __init__(self, colbert: nn.Module) -> None:
+        super().__init__()
+        self.colbert = colbert
+
+    def forward(
+        self, chunks: Sequence[tuple[torch.Tensor, torch.Tensor]]
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [self.colbert(input_ids, attention_mask) for input_ids, attention_mask in chunks]
+
+
+def train(config: TrainConfig | Mapping[str, Any]) -> TrainResult:
+    """Fine-tune a ColBERT model as ``config`` says; returns where the final model is.
+
+    Call it from Python, or run it under ``accelerate launch`` (one call per process). Known
+    failures raise :class:`colbertkit.errors.ColbertkitError` with a one-line message.
+    """
+    config = load_train_config(config)
+    accelerator = _make_accelerator(config)
+    main = accelerator.is_main_process
+    world_size = accelerator.num_processes
+    console = _Console(main)
+    fsdp_asked = os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+    if fsdp_asked and world_size > 1 and accelerator.distributed_type != "FSDP":
+        console.print(
+            f"FSDP was asked for but runs as {accelerator.distributed_type} (DDP): accelerate "
+            "has no FSDP on CPU; every process holds the whole model"
+        )
+
+    # -- output directory and resumption -------------------------------------------------------
+    output_dir = Path(config.output_dir)
+    resume_dir = _resume_checkpoint(config, output_dir)
+    progress = Progress()
+    if resume_dir is not None:
+        progress = _read_trainer_state(resume_dir, config, world_size)
+    accelerator.wait_for_everyone()  # every process checked the directory before anyone writes
+
+    # -- data ----------------------------------------------------------------------------------
+    _validate_data(config, console)
+    rows = _read_rows(config.dataset, require_negatives=config.neg_nums > 0)
+    eval_rows = (
+        _read_rows(config.eval_dataset, require_negatives=False) if config.eval_dataset else None
+    )
+    num_examples = sum(len(row.pos) for row in rows)
+    batches_per_epoch = len(
+        process_batches(num_examples, config.batch_size, world_size, accelerator.process_index)
+    )
+    if batches_per_epoch == 0:
+        raise UsageError(
+            f"{config.dataset}: {num_examples} examples cannot fill one batch of "
+            f"{config.batch_size} x {world_size} processes; lower batch_size or add data"
+        )
+    steps_per_epoch = math.ceil(batches_per_epoch / config.gradient_accumulation_steps)
+    total_steps = config.max_steps or config.epochs * steps_per_epoch
+    warmup_steps = int(config.warmup_proportion * total_steps)
+    plan = _plan(config, world_size, num_examples, steps_per_epoch, total_steps, warmup_steps)
+
+    # -- model, optimizer, schedule ------------------------------------------------------------
+    colbert, tokenizer, model_notes = _load_model(config)
+    model_notes += _freeze_unused_parameters(colbert)
+    if config.gradient_checkpointing:
+        _enable_gradient_checkpointing(colbert.encoder)
+    if config.train_head_only:
+        colbert.encoder.requires_grad_(False)
+    optimizer = torch.optim.AdamW(
+        _parameter_groups(colbert, config.weight_decay), lr=config.lr, betas=(0.9, 0.999), eps=1e-8
+    )
+    from transformers import get_cosine_schedule_with_warmup
+
+    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup_steps, total_steps)
+    model, optimizer, scheduler = accelerator.prepare(ChunkEncoder(colbert), optimizer, scheduler)
+    if resume_dir is not None:
+        accelerator.load_state(str(resume_dir))
+    model.train()
+
+    if main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        _write_json(
+            output_dir / CONFIG_FILE,
+            {"config": config.model_dump(mode="json"), "plan": plan, "versions": _versions()},
+        )
+    for note in model_notes:
+        console.print(note)
+    console.print(_describe_plan(plan, resume_dir, progress))
+
+    from colbertkit.trackers import make_tracker
+
+    tracker = make_tracker(
+        accelerator=accelerator,
+        log_with=config.log_with,
+        output_dir=output_dir,
+        project=config.tracker_project,
+        run_name=config.run_name,
+        config={**config.model_dump(mode="json"), **plan},
+        resume_step=progress.step if resume_dir is not None else None,
+    )
+    collator = Collator(tokenizer, config.query_max_len, config.passage_max_len)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    multiple_of = config.pad_to_multiple_of or (8 if accelerator.device.type == "cuda" else 1)
+    evaluator = (
+        _Evaluator(eval_rows, tokenizer, config, accelerator, pad_id, multiple_of)
+        if eval_rows
+        else None
+    )
+    eval_history: list[dict[str, float]] = []
+
+    def evaluate_and_keep_best() -> None:
+        assert evaluator is not None
+        metrics = evaluator(model)
+        eval_history.append({"step": progress.step, **metrics})
+        tracker.log({f"eval/{name}": value for name, value in metrics.items()}, progress.step)
+        console.print(
+            f"eval at step {progress.step}: "
+            + ", ".join(f"{name} {value:.4f}" for name, value in metrics.items())
+        )
+        if config.best_metric is None:
+            return
+        value = metrics[config.best_metric]
+        if progress.best_value is None or value > progress.best_value:
+            progress.best_value, progress.best_step = value, progress.step
+            _save_final_model(
+                accelerator, model, tokenizer, config, output_dir / BEST_MODEL_DIR,
+                source={"step": progress.step, config.best_metric: value},
+            )  # fmt: skip
+
+    if evaluator is not None and config.eval_at_start and progress.step == 0:
+        evaluate_and_keep_best()
+
+    # -- the loop ------------------------------------------------------------------------------
+    bar = _ProgressBar(main and config.progress_bar, total_steps, progress.step)
+    window_losses: list[float] = []
+    window_start, window_examples = time.perf_counter(), 0
+    last_loss: float | None = None
+    accumulation = config.gradient_accumulation_steps
+    loss_from_embeddings = _loss_function(config)
+
+    while progress.step < total_steps:
+        examples = epoch_examples(
+            rows,
+            neg_nums=config.neg_nums,
+            seed=config.seed,
+            epoch=progress.epoch,
+            sampling=config.negatives_sampling,
+        )
+        batches = process_batches(
+            len(examples), config.batch_size, world_size, accelerator.process_index
+        )
+        while progress.batch < len(batches) and progress.step < total_steps:
+            # One optimizer step = a window of up to `accumulation` micro-batches. The window at
+            # the end of an epoch may be shorter; each micro-batch's loss is divided by the
+            # window's real size so the step's gradient is the mean over its micro-batches.
+            window = range(progress.batch, min(progress.batch + accumulation, len(batches)))
+            step_loss = 0.0
+            for micro_index, batch_index in enumerate(window):
+                batch = collator([examples[i] for i in batches[batch_index]])
+                sync = micro_index == len(window) - 1
+                step_loss += _micro_batch(
+                    batch, model, accelerator, config, loss_from_embeddings,
+                    pad_id=pad_id, multiple_of=multiple_of, sync=sync, scale=1.0 / len(window),
+                ) / len(window)  # fmt: skip
+                window_examples += batch.num_queries * world_size
+            if config.max_grad_norm is not None:
+                accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+            step_lr = scheduler.get_last_lr()[0]  # the rate this step uses
+            optimizer.step()
+            if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: no step, no schedule
+                scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            progress.step += 1
+            progress.batch = window.stop
+            window_losses.append(step_loss)
+
+            if progress.step % config.logging_steps == 0 or progress.step == total_steps:
+                # A collective: every process reaches it at the same step.
+                mean_loss = float(
+                    accelerator.reduce(
+                        torch.tensor(window_losses, device=accelerator.device), "mean"
+                    ).mean()
+                )
+                elapsed = time.perf_counter() - window_start
+                metrics = {
+                    "train/loss": mean_loss,
+                    "train/lr": step_lr,
+                    "train/epoch": progress.epoch + progress.batch / len(batches),
+                    "train/examples_per_second": window_examples / max(elapsed, 1e-9),
+                }
+                tracker.log(metrics, progress.step)
+                bar.update(progress.step, metrics)
+                last_loss = mean_loss
+                window_losses, window_start, window_examples = [], time.perf_counter(), 0
+            else:
+                bar.update(progress.step, None)
+
+            end_of_epoch = progress.batch >= len(batches)
+            if evaluator is not None and (
+                (config.eval_steps and progress.step % config.eval_steps == 0)
+                or (end_of_epoch and config.eval_each_epoch)
+            ):
+                evaluate_and_keep_best()
+            if end_of_epoch:  # the saved data position points at the next epoch's start
+                progress.epoch, progress.batch = progress.epoch + 1, 0
+            if (config.save_steps and progress.step % config.save_steps == 0) or (
+                end_of_epoch and config.save_each_epoch and progress.step < total_steps
+            ):
+                save_training_checkpoint(
+                    accelerator, model, progress, config, output_dir, tokenizer=tokenizer
+                )
+            if end_of_epoch:
+                break
+
+    bar.close()
+    if evaluator is not None and (not eval_history or eval_history[-1]["step"] != progress.step):
+        evaluate_and_keep_best()
+
+    # -- the final model -----------------------------------------------------------------------
+    model_dir = output_dir / FINAL_MODEL_DIR
+    _save_final_model(
+        accelerator, model, tokenizer, config, model_dir,
+        source={"base_model": config.model, "steps": progress.step, "dataset": str(config.dataset)},
+        reference_dir=output_dir / REFERENCE_MODEL_DIR if config.save_reference_layout else None,
+    )  # fmt: skip
+    console.print(f"final model written to {model_dir}")
+    tracker.finish()
+    accelerator.wait_for_everyone()
+    return TrainResult(
+        output_dir=output_dir,
+        model_dir=model_dir,
+        global_step=progress.step,
+        last_loss=last_loss,
+        eval_history=eval_history,
+        best_metric=progress.best_value,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# One micro-batch
+# --------------------------------------------------------------------------------------------
+
+
+def _loss_function(config: TrainConfig):
+    """``loss(queries_embeddings, queries_mask, passages_embeddings, passages_mask)`` of a batch
+    laid out as groups of (positive, negatives...), with the configured options."""
+    group_size = 1 + config.neg_nums
+
+    def loss_from_embeddings(
+        queries_embeddings: torch.Tensor,
+        queries_mask: torch.Tensor,
+        passages_embeddings: torch.Tensor,
+        passages_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        positive_columns, is_positive = grouped_positive_columns(
+            queries_embeddings.shape[0], group_size, device=queries_embeddings.device
+        )
+        if config.gather_across_processes:
+            passages_embeddings, passages_mask, positive_columns, is_positive = gather_passages(
+                passages_embeddings, passages_mask, positive_columns, is_positive
+            )
+        return contrastive_loss(
+            queries_embeddings,
+            queries_mask,
+            passages_embeddings,
+            passages_mask,
+            positive_columns,
+            is_positive,
+            temperature=config.temperature,
+            other_positives_as_negatives=config.other_positives_as_negatives,
+        )
+
+    return loss_from_embeddings
+
+
+def _micro_batch(
+    batch: TokenizedBatch,
+    model: nn.Module,
+    accelerator: Any,
+    config: TrainConfig,
+    loss_from_embeddings: Any,
+    *,
+    pad_id: int,
+    multiple_of: int,
+    sync: bool,
+    scale: float,
+) -> float:
+    """Forward and backward of one micro-batch; gradients accumulate in the parameters.
+
+    ``sync=False`` keeps DDP from reducing gradients (an accumulation window continues);
+    ``scale`` divides the loss by the number of micro-batches in the window. Returns the
+    (unscaled) loss of this process's queries.
+    """
+    device = accelerator.device
+    query_chunks, passage_chunks = (
+        [
+            chunk.to(device)
+            for chunk in length_sorted_chunks(
+                sequences,
+                chunk_size=config.encode_chunk_size,
+                pad_id=pad_id,
+                multiple_of=multiple_of,
+            )
+        ]
+        for sequences in (batch.queries, batch.passages)
+    )
+
+    def encode(chunks):
+        return model([(chunk.input_ids, chunk.attention_mask) for chunk in chunks])
+
+    def backward(loss: torch.Tensor) -> None:
+        accelerator.backward(loss * scale)
+
+    if config.grad_cache:
+        loss = grad_cache_backward(
+            encode,
+            query_chunks,
+            passage_chunks,
+            loss_from_embeddings,
+            backward,
+            defer_sync=lambda: accelerator.no_sync(model),
+            sync=sync,
+        )
+    else:
+        with nullcontext() if sync else accelerator.no_sync(model):
+            loss = plain_backward(
+                encode, query_chunks, passage_chunks, loss_from_embeddings, backward
+            )
+    return float(loss)
+
+
+# --------------------------------------------------------------------------------------------
+# Set-up
+# --------------------------------------------------------------------------------------------
+
+
+def _make_accelerator(config: TrainConfig) -> Any:
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+    from accelerate.utils import ProjectConfiguration, set_seed
+
+    if config.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise UsageError(
+            "mixed_precision 'fp16' needs a CUDA GPU and none is available; "
+            "use mixed_precision 'bf16' or 'no' on CPU"
+        )
+    output_dir = Path(config.output_dir)
+    # accelerate keeps its settings in process-wide singletons; forget the previous train()'s
+    # (a notebook or a test may call train() again with another mixed precision). The process
+    # group and launch environment (PartialState) stay as they are.
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
+    # A launcher (torchrun, `accelerate launch`) that starts several processes on a machine
+    # without CUDA must get gloo DDP (MULTI_CPU). Left alone, accelerate reports
+    # DistributedType.NO in each process: N independent trainings that never share a gradient.
+    launched_processes = int(os.environ.get("WORLD_SIZE", "1"))
+    use_cpu = not torch.cuda.is_available() and launched_processes > 1
+    try:
+        accelerator = Accelerator(
+            cpu=use_cpu,
+            mixed_precision=config.mixed_precision,
+            # The loop accumulates and steps the schedule itself (see the loop): accelerate's
+            # counting assumes its own dataloader, which this engine does not use.
+            gradient_accumulation_steps=1,
+            step_scheduler_with_optimizer=False,
+            log_with=None if config.log_with == "none" else config.log_with,
+            project_config=ProjectConfiguration(
+                project_dir=str(output_dir), logging_dir=str(output_dir / "logs")
+            ),
+        )
+    except (ValueError, ImportError) as error:
+        raise UsageError(
+            f"cannot set up accelerate: {str(error).strip().splitlines()[0]}"
+        ) from error
+    if accelerator.num_processes != launched_processes:
+        raise UsageError(
+            f"the launcher started {launched_processes} processes but accelerate set up "
+            f"{accelerator.num_processes} ({accelerator.distributed_type}); each would train "
+            "alone. On CPU use DDP (MULTI_CPU over gloo), not FSDP"
+        )
+    if (
+        config.expected_num_processes is not None
+        and accelerator.num_processes != config.expected_num_processes
+    ):
+        raise UsageError(
+            f"this run has {accelerator.num_processes} process(es) but expected_num_processes is "
+            f"{config.expected_num_processes} (distributed type {accelerator.distributed_type}); "
+            "on CPU several processes need accelerate's MULTI_CPU, not FSDP"
+        )
+    set_seed(config.seed)
+    return accelerator
+
+
+def _validate_data(config: TrainConfig, console: _Console) -> None:
+    """The `validate-data` checks first: every problem of the files, before any model loads."""
+    from colbertkit.validation import validate_dataset
+
+    report = validate_dataset(
+        config.dataset,
+        neg_nums=config.neg_nums,
+        eval_path=config.eval_dataset,
+        batch_size=config.batch_size,
+    )
+    report.raise_for_errors()
+    if report.warning_count:
+        console.print(
+            f"data: {report.warning_count} warning(s); "
+            f"`colbertkit validate-data {config.dataset}` lists them"
+        )
+
+
+def _read_rows(path: Path, *, require_negatives: bool) -> list[Any]:
+    from colbertkit.data import read_training_rows
+
+    rows = [row for _, row in read_training_rows(path, require_negatives=require_negatives)]
+    if not rows:
+        raise UsageError(f"{path}: no rows; a training file needs at least one query")
+    return rows
+
+
+def _load_model(config: TrainConfig) -> tuple[nn.Module, Any, list[str]]:
+    from colbertkit.checkpoint import detect_layout, load_checkpoint, resolve_checkpoint
+
+    layout = detect_layout(resolve_checkpoint(config.model))
+    fresh = config.fresh_head or layout.kind == "encoder"
+    loaded = load_checkpoint(
+        config.model,
+        colbert_dim=config.colbert_dim,
+        fresh_head=fresh,
+        seed=config.seed,
+        trust_remote_code=config.trust_remote_code,
+    )
+    if loaded.model.colbert_dim is None:  # pragma: no cover - load_checkpoint always sets a head
+        raise ColbertkitError(f"{config.model}: no ColBERT head")
+    return loaded.model, loaded.tokenizer, loaded.notes
+
+
+def _freeze_unused_parameters(colbert: nn.Module) -> list[str]:
+    """Freeze parameters that get no gradient from ColBERT's output (e.g. BERT's pooler).
+
+    Found with one tiny forward and backward, so it holds for any encoder. Why: DDP waits for
+    a gradient of every trainable parameter and fails on the first step otherwise, and AdamW
+    would still decay them.
+    """
+    was_training = colbert.training
+    colbert.eval()
+    input_ids = torch.tensor([[101, 102, 103]]) % colbert.encoder.config.vocab_size
+    embeddings, _ = colbert(input_ids, torch.ones_like(input_ids))
+    embeddings.sum().backward()
+    unused = [name for name, p in colbert.named_parameters() if p.requires_grad and p.grad is None]
+    for name, parameter in colbert.named_parameters():
+        parameter.grad = None
+        if name in unused:
+            parameter.requires_grad_(False)
+    colbert.train(was_training)
+    if not unused:
+        return []
+    prefixes = sorted({name.rsplit(".", 1)[0] for name in unused})
+    return [f"frozen (no gradient reaches them from ColBERT's output): {', '.join(prefixes)}"]
+
+
+def _enable_gradient_checkpointing(encoder: nn.Module) -> None:
+    # transformers >= 5.x names it activation checkpointing; earlier 5.x only has the old name.
+    enable = getattr(encoder, "activation_checkpointing_enable", None)
+    try:
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            encoder.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+    except ValueError as error:
+        raise UsageError(
+            f"gradient_checkpointing: {error}; turn gradient_checkpointing off for this model"
+        ) from error
+
+
+def _parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: no weight decay on biases and normalisation weights.
+
+    Found by module type and real parameter name (``encoder.embeddings.LayerNorm.weight``,
+    ``head.bias``), not by guessing from a list of substrings; frozen parameters are left out.
+    """
+    no_decay: set[str] = set()
+    for module_name, module in model.named_modules():
+        is_norm = (
+            isinstance(module, nn.LayerNorm | nn.GroupNorm)
+            or "norm" in type(module).__name__.lower()
+        )
+        for parameter_name, _ in module.named_parameters(recurse=False):
+            full_name = f"{module_name}.{parameter_name}" if module_name else parameter_name
+            if is_norm or parameter_name == "bias":
+                no_decay.add(full_name)
+    decay_params, no_decay_params = [], []
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            (no_decay_params if name in no_decay else decay_params).append(parameter)
+    return [
+        {"params": decay_params, "weight_decay": weight_decay},
+        {"params": no_decay_params, "weight_decay": 0.0},
+    ]
+
+
+def _plan(
+    config: TrainConfig,
+    world_size: int,
+    num_examples: int,
+    steps_per_epoch: int,
+    total_steps: int,
+    warmup_steps: int,
+) -> dict[str, Any]:
+    """The numbers a user should check before spending GPU time (written with the config)."""
+    per_process = config.batch_size
+    negatives = per_process * config.neg_nums
+    if config.gather_across_processes:
+        negatives *= world_size
+    if config.other_positives_as_negatives:
+        negatives += per_process * (world_size if config.gather_across_processes else 1) - 1
+    return {
+        "world_size": world_size,
+        "examples": num_examples,
+        "batch_size_per_process": per_process,
+        "passages_per_query_example": 1 + config.neg_nums,
+        "global_batch_size": per_process * world_size,
+        "effective_batch_size": per_process * world_size * config.gradient_accumulation_steps,
+        "negatives_per_query": negatives,
+        "steps_per_epoch": steps_per_epoch,
+        "total_steps": total_steps,
+        "warmup_steps": warmup_steps,
+        "large_batch_by": ("gradient caching" if config.grad_cache else "none")
+        + (" + cross-process gathering" if config.gather_across_processes else ""),
+    }
+
+
+def _describe_plan(plan: Mapping[str, Any], resume_dir: Path | None, progress: Progress) -> str:
+    text = (
+        f"training on {plan['examples']} examples with {plan['world_size']} process(es): "
+        f"{plan['batch_size_per_process']} queries x {plan['passages_per_query_example']} passages "
+        f"per process, effective batch {plan['effective_batch_size']}, each query sees "
+        f"{plan['negatives_per_query']} negatives (gradient accumulation adds none), "
+        f"{plan['total_steps']} steps ({plan['warmup_steps']} warm-up)"
+    )
+    if resume_dir is not None:
+        text += f"; resuming from {resume_dir} at step {progress.step}"
+    return text
+
+
+def _versions() -> dict[str, str]:
+    import accelerate
+    import transformers
+
+    return {
+        "colbertkit": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "accelerate": accelerate.__version__,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """Complete training checkpoints of a run, oldest first (temporary directories excluded)."""
+    root = Path(output_dir) / CHECKPOINTS_DIR
+    if not root.is_dir():
+        return []
+    found = [
+        (int(match.group(1)), path)
+        for path in root.iterdir()
+        if (match := _CHECKPOINT_NAME.match(path.name)) and (path / TRAINER_STATE_FILE).is_file()
+    ]
+    return [path for _, path in sorted(found)]
+
+
+def save_training_checkpoint(
+    accelerator: Any,
+    model: nn.Module,
+    progress: Progress,
+    config: TrainConfig,
+    output_dir: Path,
+    *,
+    tokenizer: Any = None,
+) -> Path:
+    """Write the full training state to ``checkpoints/step-N``, atomically, then rotate.
+
+    Layout (accelerate's ``save_state`` plus two of ours)::
+
+        model.safetensors        ChunkEncoder state: colbert.encoder.*, colbert.head.{weight,bias}
+                                 (FSDP: accelerate's sharded pytorch_model_fsdp_0/ instead)
+        optimizer.bin, scheduler.bin, random_states_<rank>.pkl   (plain tensors, no code)
+        trainer_state.json       progress (step, epoch, batch), world size, config, versions,
+                                 and what rebuilding the model needs (colbert_dim, lengths)
+        base/                    config.json + tokenizer files of the encoder, so a checkpoint
+                                 can be exported without the base model
+
+    Every process takes part (FSDP gathers state, each process writes its RNG state); the main
+    process renames the finished temporary directory into place, so the newest ``step-N`` is
+    always complete: a crash before the rename leaves only a ``.step-N.tmp`` that resuming
+    ignores and the next save removes.
+    """
+    root = output_dir / CHECKPOINTS_DIR
+    name = f"step-{progress.step:08d}"
+    target, tmp = root / name, root / f".{name}.tmp"
+    if accelerator.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(".step-*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(str(tmp), safe_serialization=True)
+        if accelerator.is_main_process:
+            colbert = accelerator.unwrap_model(model).colbert
+            state = {
+                "progress": asdict(progress),
+                "world_size": accelerator.num_processes,
+                "config": config.model_dump(mode="json"),
+                "model": {
+                    "state_dict_prefix": "colbert.",
+                    "colbert_dim": colbert.head.out_features,
+                    "hidden_size": colbert.head.in_features,
+                    "query_max_len": config.query_max_len,
+                    "passage_max_len": config.passage_max_len,
+                },
+                "versions": _versions(),
+            }
+            colbert.encoder.config.save_pretrained(str(tmp / "base"))
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(tmp / "base"))
+            # Written last: its presence marks a complete checkpoint (list_checkpoints).
+            _write_json(tmp / TRAINER_STATE_FILE, state)
+    except BaseException:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if target.exists():  # a resumed run saving the same step again
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+        _rotate(output_dir, config.num_max_checkpoints)
+    accelerator.wait_for_everyone()
+    return target
+
+
+def _rotate(output_dir: Path, keep: int | None) -> None:
+    if keep is None:
+        return
+    for old in list_checkpoints(output_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _resume_checkpoint(config: TrainConfig, output_dir: Path) -> Path | None:
+    """The checkpoint to resume from, or None for a fresh run (refusing to clobber an old one)."""
+    if config.resume_from is None:
+        existing = list_checkpoints(output_dir)
+        if existing or (output_dir / FINAL_MODEL_DIR).exists():
+            raise UsageError(
+                f"{output_dir} already holds a training run; resume it with "
+                "resume_from='latest' (--resume) or choose an empty output_dir"
+            )
+        return None
+    if config.resume_from == "latest":
+        existing = list_checkpoints(output_dir)
+        if not existing:
+            raise UsageError(
+                f"resume_from='latest' but {output_dir / CHECKPOINTS_DIR} holds no complete "
+                "checkpoint; start without resume_from or point it at a checkpoint directory"
+            )
+        return existing[-1]
+    path = Path(config.resume_from)
+    if not (path / TRAINER_STATE_FILE).is_file():
+        raise UsageError(
+            f"resume_from: {path} is not a training checkpoint (no {TRAINER_STATE_FILE}); "
+            f"use 'latest' or a directory under {output_dir / CHECKPOINTS_DIR}"
+        )
+    return path
+
+
+def _read_trainer_state(checkpoint: Path, config: TrainConfig, world_size: int) -> Progress:
+    try:
+        state = json.loads((checkpoint / TRAINER_STATE_FILE).read_text())
+        progress = Progress(**state["progress"])
+    except (ValueError, KeyError, TypeError) as error:
+        raise UsageError(f"{checkpoint / TRAINER_STATE_FILE}: unreadable ({error})") from error
+    saved = state.get("config", {})
+    current = config.model_dump(mode="json")
+    changed = sorted(
+        key for key in current if key not in RESUMABLE_CHANGES and saved.get(key) != current[key]
+    )
+    if changed:
+        details = ", ".join(f"{key}: {saved.get(key)!r} -> {current[key]!r}" for key in changed)
+        raise UsageError(
+            f"cannot resume {checkpoint}: settings differ from the run that wrote it ({details}); "
+            "restore them or start a new run in another output_dir"
+        )
+    if state.get("world_size") != world_size:
+        raise UsageError(
+            f"cannot resume {checkpoint}: it was written by {state.get('world_size')} process(es) "
+            f"and this run has {world_size}; the data position is per process, resume with "
+            f"{state.get('world_size')}"
+        )
+    return progress
+
+
+def _consolidated_colbert(accelerator: Any, model: nn.Module) -> nn.Module | None:
+    """The full ColBERT module to write (on the main process; None elsewhere).
+
+    Under FSDP the parameters are sharded: gather a full state dict (a collective, so every
+    process calls this) and load it into an unsharded copy on the main process.
+    """
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return accelerator.unwrap_model(model).colbert if accelerator.is_main_process else None
+    state = accelerator.get_state_dict(model)
+    if not accelerator.is_main_process:
+        return None
+    from transformers import AutoModel
+
+    from colbertkit.model import ColBERT
+
+    sharded = accelerator.unwrap_model(model).colbert
+    encoder = AutoModel.from_config(sharded.encoder.config)
+    head = nn.Linear(sharded.head.in_features, sharded.head.out_features)
+    colbert = ColBERT(encoder, head)
+    colbert.load_state_dict({key.removeprefix("colbert."): value for key, value in state.items()})
+    return colbert
+
+
+def _save_final_model(
+    accelerator: Any,
+    model: nn.Module,
+    tokenizer: Any,
+    config: TrainConfig,
+    target: Path,
+    *,
+    source: Mapping[str, Any],
+    reference_dir: Path | None = None,
+) -> None:
+    """Write the model in colbertkit's layout (and optionally the reference layout)."""
+    from colbertkit.checkpoint import atomic_directory, save_checkpoint, write_reference_head
+
+    accelerator.wait_for_everyone()
+    colbert = _consolidated_colbert(accelerator, model)
+    if colbert is not None:
+        save_checkpoint(
+            colbert,
+            tokenizer,
+            target,
+            query_max_len=config.query_max_len,
+            passage_max_len=config.passage_max_len,
+            source=dict(source),
+            overwrite=True,
+        )
+        if reference_dir is not None:
+            with atomic_directory(reference_dir) as tmp:
+                colbert.encoder.save_pretrained(str(tmp))
+                tokenizer.save_pretrained(str(tmp))
+                write_reference_head(colbert.head.state_dict(), tmp / "colbert_linear.pt")
+    accelerator.wait_for_everyone()
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation
+# --------------------------------------------------------------------------------------------
+
+
+class _Evaluator:
+    """Rerank each held-out query's ``pos + neg`` and average MRR@10, NDCG@10, Recall@k.
+
+    Rows are split across processes and the sums all-reduced. Under FSDP every process must
+    run the same forwards (each one is a collective), so there every process scores every row.
+    """
+
+    def __init__(
+        self,
+        rows: Sequence[Any],
+        tokenizer: Any,
+        config: TrainConfig,
+        accelerator: Any,
+        pad_id: int,
+        multiple_of: int,
+    ) -> None:
+        from accelerate.utils import DistributedType
+
+        self.accelerator = accelerator
+        self.config = config
+        self.pad_id = pad_id
+        self.multiple_of = multiple_of
+        self.sharded_model = accelerator.distributed_type == DistributedType.FSDP
+        mine = (
+            rows
+            if self.sharded_model
+            else rows[accelerator.process_index :: accelerator.num_processes]
+        )
+        collator = Collator(tokenizer, config.query_max_len, config.passage_max_len)
+        self.queries = collator.tokenize([row.query for row in mine], config.query_max_len)
+        self.candidates = [
+            collator.tokenize([*row.pos, *row.neg], config.passage_max_len) for row in mine
+        ]
+        self.relevance = [[True] * len(row.pos) + [False] * len(row.neg) for row in mine]
+        self.total_rows = len(rows)
+
+    def _encode(self, model: nn.Module, sequences: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+        """Per sequence, its real-token embeddings (n_i - 1, D)."""
+        if not sequences:
+            return []
+        out: list[torch.Tensor | None] = [None] * len(sequences)
+        chunks = length_sorted_chunks(
+            sequences,
+            chunk_size=self.config.eval_batch_size,
+            pad_id=self.pad_id,
+            multiple_of=self.multiple_of,
+        )
+        for chunk in chunks:
+            chunk = chunk.to(self.accelerator.device)
+            embeddings, mask = model([(chunk.input_ids, chunk.attention_mask)])[0]
+            for row, position in enumerate(chunk.positions.tolist()):
+                out[position] = embeddings[row, : int(mask[row].sum())].float()
+        return out  # type: ignore[return-value]
+
+    @torch.no_grad()
+    def __call__(self, model: nn.Module) -> dict[str, float]:
+        from colbertkit.metrics import ranking_metrics
+        from colbertkit.scoring import maxsim_matrix
+
+        encoder = model if self.sharded_model else self.accelerator.unwrap_model(model)
+        was_training = encoder.training
+        encoder.eval()
+        names = self.config.metric_names()
+        sums = torch.zeros(len(names) + 1, dtype=torch.float64)
+        with self.accelerator.autocast():
+            query_vectors = self._encode(encoder, self.queries)
+            for query, candidates, relevance in zip(
+                query_vectors, self.candidates, self.relevance, strict=True
+            ):
+                passages = self._encode(encoder, candidates)
+                length = max(p.shape[0] for p in passages)
+                passages_embeddings = torch.stack(
+                    [nn.functional.pad(p, (0, 0, 0, length - p.shape[0])) for p in passages]
+                )  # (C, Lp, D)
+                passages_mask = torch.stack(
+                    [(torch.arange(length, device=p.device) < p.shape[0]).long() for p in passages]
+                )  # (C, Lp)
+                scores = maxsim_matrix(
+                    query[None], torch.ones(1, query.shape[0], device=query.device),
+                    passages_embeddings, passages_mask,
+                )[0]  # fmt: skip
+                metrics = ranking_metrics(scores.tolist(), relevance, self.config.recall_at)
+                sums[:-1] += torch.tensor([metrics[name] for name in names], dtype=torch.float64)
+                sums[-1] += 1
+        if was_training:
+            encoder.train()
+        if not self.sharded_model:
+            sums = self.accelerator.reduce(sums.to(self.accelerator.device), "sum").cpu()
+        count = max(float(sums[-1]), 1.0)
+        return {name: float(sums[i]) / count for i, name in enumerate(names)}
+
+
+# --------------------------------------------------------------------------------------------
+# Console output (main process only)
+# --------------------------------------------------------------------------------------------
+
+
+class _Console:
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+
+    def print(self, text: str) -> None:
+        if self.enabled:
+            print(f"colbertkit: {text}", file=sys.stderr, flush=True)
+
+
+class _ProgressBar:
+    """A rich progress bar with loss, lr and examples/s, on the main process only."""
+
+    def __init__(self, enabled: bool, total: int, completed: int) -> None:
+        self.progress = None
+        if not enabled:
+            return
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
+
+        self.progress = Progress(
+            TextColumn("[bold]train[/]"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[stats]}"),
+            console=Console(file=sys.stderr),
+        )
+        self.task = self.progress.add_task("train", total=total, completed=completed, stats="")
+        self.progress.start()
+
+    def update(self, step: int, metrics: Mapping[str, float] | None) -> None:
+        if self.progress is None:
+            return
+        if metrics is None:
+            self.progress.update(self.task, completed=step)
+            return
+        stats = (
+            f"loss {metrics['train/loss']:.4f}  lr {metrics['train/lr']:.2e}  "
+            f"{metrics['train/examples_per_second']:.1f} ex/s"
+        )
+        self.progress.update(self.task, completed=step, stats=stats)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()

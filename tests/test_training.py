@@ -1,0 +1,502 @@
+"""The training engine on one CPU process: configuration, data, the loop, checkpoints, resume."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from colbertkit.errors import UsageError
+from colbertkit.train_config import TrainConfig, load_train_config
+from colbertkit.training import list_checkpoints, train
+from tests.conftest import WORDS
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------
+
+
+def write_rows(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def toy_rows(count: int, seed: int, negatives: int = 4) -> list[dict]:
+    """A task the tiny model can only solve by learning: query word -> a fixed *other* word.
+
+    Lexical overlap does not help (the answer word never appears in the query).
+    """
+    rng = random.Random(seed)
+    words = sorted(set(WORDS))
+    keys, answers, fillers = words[:12], words[12:24], words[24:]
+    rows = []
+    for _ in range(count):
+        index = rng.randrange(len(keys))
+        filler = lambda n: rng.sample(fillers, n)  # noqa: E731
+        positive = [answers[index], *filler(3)]
+        rng.shuffle(positive)
+        rows.append(
+            {
+                "query": " ".join([keys[index], *filler(1)]),
+                "pos": [" ".join(positive)],
+                "neg": [
+                    " ".join([answers[j], *filler(3)])
+                    for j in rng.sample([j for j in range(len(answers)) if j != index], negatives)
+                ],
+            }
+        )
+    return rows
+
+
+@pytest.fixture
+def dataset(tmp_path) -> Path:
+    return write_rows(tmp_path / "train.jsonl", toy_rows(24, seed=0))
+
+
+def base_config(tmp_path: Path, model: Path, dataset: Path, **overrides) -> dict:
+    config = {
+        "model": str(model),
+        "dataset": str(dataset),
+        "output_dir": str(tmp_path / "run"),
+        "batch_size": 4,
+        "neg_nums": 3,
+        "epochs": 1,
+        "lr": 1e-3,
+        "query_max_len": 16,
+        "passage_max_len": 24,
+        "logging_steps": 1,
+        "progress_bar": False,
+        "seed": 7,
+    }
+    config.update(overrides)
+    return config
+
+
+def final_weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    weights = load_file(str(model_dir / "model.safetensors"))
+    weights.update(
+        {
+            f"head.{k}": v
+            for k, v in load_file(str(model_dir / "colbert_linear.safetensors")).items()
+        }
+    )
+    return weights
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def read_metrics(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------
+
+
+def test_unknown_setting_names_the_nearest_one(tmp_path):
+    with pytest.raises(
+        UsageError, match=r"unknown setting 'learning_rate' \(did you mean 'lr'\?\)"
+    ):
+        load_train_config({"model": "m", "dataset": "d", "output_dir": "o", "learning_rate": 1})
+    with pytest.raises(UsageError, match=r"unknown setting 'zzz' \(the settings are listed in"):
+        load_train_config({"model": "m", "dataset": "d", "output_dir": "o", "zzz": 1})
+    with pytest.raises(
+        UsageError, match=r"unknown setting 'neg_num' \(did you mean 'neg_nums'\?\)"
+    ):
+        load_train_config({"model": "m", "dataset": "d", "output_dir": "o", "neg_num": 1})
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"lr": 0}, r"lr: Input should be greater than 0"),
+        ({"warmup_proportion": 1.5}, r"warmup_proportion: Input should be less than 1"),
+        ({"mixed_precision": "fp8"}, r"mixed_precision: Input should be 'no', 'fp16' or 'bf16'"),
+        (
+            {"grad_cache": True, "encode_chunk_size": None},
+            r"grad_cache needs encode_chunk_size .* set encode_chunk_size, e.g. 8",
+        ),
+        ({"eval_steps": 5}, r"eval_steps is set but eval_dataset is not"),
+        (
+            {"best_metric": "recall@3"},
+            r"best_metric 'recall@3' is not computed; choose one of mrr@10",
+        ),
+        (
+            {"train_head_only": True, "gradient_checkpointing": True},
+            r"gradient_checkpointing saves nothing with train_head_only",
+        ),
+        ({"neg_nums": 0}, r"neg_nums 0 leaves only the positive"),
+    ],
+)
+def test_invalid_settings_say_what_to_change(overrides, message):
+    settings = {"model": "m", "dataset": "d", "output_dir": "o", **overrides}
+    with pytest.raises(UsageError, match=message):
+        load_train_config(settings)
+
+
+def test_config_defaults_are_the_reference_loss():
+    config = TrainConfig(model="m", dataset="d", output_dir="o")
+    assert config.temperature == 0.02
+    assert not config.other_positives_as_negatives
+    assert config.metric_names() == ["mrr@10", "ndcg@10", "recall@5", "recall@10"]
+
+
+def test_fp16_on_cpu_is_an_error_naming_the_fix(tmp_path, colbertkit_dir, dataset):
+    config = base_config(tmp_path, colbertkit_dir, dataset, mixed_precision="fp16")
+    with pytest.raises(
+        UsageError, match=r"fp16' needs a CUDA GPU .* use mixed_precision 'bf16' or 'no'"
+    ):
+        train(config)
+
+
+# --------------------------------------------------------------------------------------------
+# Data: examples per epoch, shards
+# --------------------------------------------------------------------------------------------
+
+
+def test_examples_one_per_positive_and_negatives_per_epoch():
+    from colbertkit.collate import epoch_examples
+    from colbertkit.data import TrainingRow
+
+    rows = [
+        TrainingRow(query="q1", pos=["a", "b"], neg=["n1", "n2", "n3", "n4", "n5"]),
+        TrainingRow(query="q2", pos=["c"], neg=["m1"]),
+    ]
+    epoch0 = epoch_examples(rows, neg_nums=3, seed=1, epoch=0)
+    assert sorted(ex.positive for ex in epoch0) == ["a", "b", "c"]
+    for ex in epoch0:
+        assert len(ex.negatives) == 3
+        if ex.query == "q1":
+            assert len(set(ex.negatives)) == 3  # enough negatives: drawn without replacement
+        else:
+            assert ex.negatives == ("m1", "m1", "m1")  # fewer: the list is repeated
+    assert epoch_examples(rows, neg_nums=3, seed=1, epoch=0) == epoch0  # seeded
+    per_epoch = [
+        {ex.positive: ex.negatives for ex in epoch_examples(rows, neg_nums=3, seed=1, epoch=e)}
+        for e in range(6)
+    ]
+    assert len({epoch["a"] for epoch in per_epoch}) > 1  # redrawn each epoch
+    once = [
+        {
+            ex.positive: ex.negatives
+            for ex in epoch_examples(rows, neg_nums=3, seed=1, epoch=e, sampling="once")
+        }
+        for e in range(6)
+    ]
+    assert len({epoch["a"] for epoch in once}) == 1
+
+
+@pytest.mark.parametrize(
+    ("examples", "batch", "world"), [(10, 2, 2), (11, 2, 2), (9, 4, 1), (7, 2, 3)]
+)
+def test_process_batches_shard_the_data(examples, batch, world):
+    from colbertkit.collate import process_batches
+
+    shards = [process_batches(examples, batch, world, rank) for rank in range(world)]
+    assert len({len(shard) for shard in shards}) == 1  # the same number of steps everywhere
+    seen = [i for shard in shards for r in shard for i in r]
+    assert len(seen) == len(set(seen))  # disjoint
+    assert examples - len(seen) < world  # at most world-1 left over
+    for step in range(len(shards[0])):
+        assert len({len(shard[step]) for shard in shards}) == 1
+
+
+def test_parameter_groups_exclude_biases_and_norms(tiny_parts):
+    from colbertkit.model import ColBERT
+    from colbertkit.training import _parameter_groups
+
+    encoder, _, head = tiny_parts
+    model = ColBERT(encoder, head)
+    decay, no_decay = _parameter_groups(model, 0.01)
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay_names = {names[id(p)] for p in no_decay["params"]}
+    decay_names = {names[id(p)] for p in decay["params"]}
+    assert "head.bias" in no_decay_names and "head.weight" in decay_names
+    assert "encoder.embeddings.LayerNorm.weight" in no_decay_names
+    assert all(n.endswith("bias") or "LayerNorm" in n for n in no_decay_names)
+    assert not any(n.endswith("bias") or "LayerNorm" in n for n in decay_names)
+    assert no_decay["weight_decay"] == 0.0
+
+
+# --------------------------------------------------------------------------------------------
+# Runs
+# --------------------------------------------------------------------------------------------
+
+
+def test_run_writes_config_metrics_and_a_scorable_model(tmp_path, colbertkit_dir, dataset):
+    from colbertkit.checkpoint import load_checkpoint
+    from colbertkit.scorer import score_pairs
+
+    config = base_config(tmp_path, colbertkit_dir, dataset, save_reference_layout=True)
+    result = train(config)
+    out = Path(config["output_dir"])
+    assert result.global_step == 6  # 24 examples / 4
+    written = json.loads((out / "train_config.json").read_text())
+    assert written["config"]["neg_nums"] == 3
+    assert written["plan"]["negatives_per_query"] == 12
+    metrics = read_metrics(out)
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5, 6]
+    assert all({"train/loss", "train/lr", "train/examples_per_second"} <= m.keys() for m in metrics)
+    loaded = load_checkpoint(result.model_dir)
+    assert loaded.layout.kind == "colbertkit" and loaded.query_max_len == 16
+    assert load_checkpoint(out / "model-reference").layout.kind == "reference"
+    scores = score_pairs(str(result.model_dir), [("cat fish", "the cat eats fish"), ("cat", "sky")])
+    assert len(scores) == 2 and all(-1.0 <= s <= 1.0 for s in scores)
+    # The trained weights differ from the start.
+    assert not torch.equal(
+        final_weights(result.model_dir)["head.weight"], final_weights(colbertkit_dir)["head.weight"]
+    )
+
+
+def test_same_seed_same_weights(tmp_path, colbertkit_dir, dataset):
+    a = train(base_config(tmp_path / "a", colbertkit_dir, dataset))
+    b = train(base_config(tmp_path / "b", colbertkit_dir, dataset))
+    assert_same_weights(final_weights(a.model_dir), final_weights(b.model_dir))
+    c = train(base_config(tmp_path / "c", colbertkit_dir, dataset, seed=8))
+    assert not torch.equal(
+        final_weights(a.model_dir)["head.weight"], final_weights(c.model_dir)["head.weight"]
+    )
+
+
+def test_refuses_to_overwrite_a_run(tmp_path, colbertkit_dir, dataset):
+    config = base_config(tmp_path, colbertkit_dir, dataset, max_steps=1)
+    train(config)
+    with pytest.raises(
+        UsageError, match=r"already holds a training run; resume it with resume_from='latest'"
+    ):
+        train(config)
+
+
+def test_resume_from_a_checkpoint_gives_the_same_weights(tmp_path, colbertkit_dir, dataset):
+    """A run resumed from step k's checkpoint ends where the uninterrupted run ends."""
+    settings = dict(epochs=2, save_steps=4, num_max_checkpoints=None, gradient_accumulation_steps=1)
+    full = train(base_config(tmp_path / "full", colbertkit_dir, dataset, **settings))
+    assert [p.name for p in list_checkpoints(full.output_dir)] == [
+        "step-00000004",
+        "step-00000006",
+        "step-00000008",
+        "step-00000012",
+    ]
+    for checkpoint in ("step-00000004", "step-00000006"):  # mid-epoch, and an epoch boundary
+        resumed_dir = tmp_path / f"resumed-{checkpoint}"
+        shutil.copytree(
+            full.output_dir / "checkpoints" / checkpoint, resumed_dir / "checkpoints" / checkpoint
+        )
+        config = base_config(
+            tmp_path,
+            colbertkit_dir,
+            dataset,
+            output_dir=str(resumed_dir),
+            resume_from="latest",
+            **settings,
+        )
+        resumed = train(config)
+        assert resumed.global_step == 12
+        assert_same_weights(final_weights(resumed.model_dir), final_weights(full.model_dir))
+
+
+def test_resume_refuses_changed_settings(tmp_path, colbertkit_dir, dataset):
+    config = base_config(tmp_path, colbertkit_dir, dataset, save_steps=2, max_steps=2)
+    train(config)
+    with pytest.raises(UsageError, match=r"settings differ .*lr: 0.001 -> 0.002"):
+        train({**config, "resume_from": "latest", "lr": 2e-3})
+    with pytest.raises(UsageError, match=r"not a training checkpoint"):
+        train({**config, "resume_from": str(tmp_path)})
+
+
+def test_rotation_keeps_the_newest(tmp_path, colbertkit_dir, dataset):
+    result = train(
+        base_config(
+            tmp_path, colbertkit_dir, dataset, epochs=2, save_steps=1, num_max_checkpoints=2
+        )
+    )
+    assert [p.name for p in list_checkpoints(result.output_dir)] == [
+        "step-00000011",
+        "step-00000012",
+    ]
+    state = json.loads(
+        (result.output_dir / "checkpoints/step-00000012/trainer_state.json").read_text()
+    )
+    assert state["progress"]["step"] == 12 and state["world_size"] == 1
+    assert state["model"]["colbert_dim"] == 16 and state["model"]["state_dict_prefix"] == "colbert."
+    checkpoint = result.output_dir / "checkpoints/step-00000012"
+    assert (checkpoint / "base" / "config.json").is_file()
+    assert (checkpoint / "base" / "tokenizer_config.json").is_file()
+    assert not (checkpoint / "config.json").exists()  # never mistaken for an encoder directory
+    keys = load_file(str(checkpoint / "model.safetensors")).keys()
+    assert (
+        "colbert.head.weight" in keys
+        and "colbert.encoder.embeddings.word_embeddings.weight" in keys
+    )
+
+
+def test_crash_while_saving_leaves_the_previous_checkpoint(
+    tmp_path, colbertkit_dir, dataset, monkeypatch
+):
+    from accelerate import Accelerator
+
+    real_save_state = Accelerator.save_state
+    calls = {"n": 0}
+
+    def failing_save_state(self, output_dir=None, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second checkpoint: write part of it, then die
+            Path(output_dir).mkdir(parents=True, exist_ok=True)
+            (Path(output_dir) / "model.safetensors").write_bytes(b"half")
+            raise KeyboardInterrupt("killed while saving")
+        return real_save_state(self, output_dir, **kwargs)
+
+    monkeypatch.setattr(Accelerator, "save_state", failing_save_state)
+    config = base_config(tmp_path, colbertkit_dir, dataset, save_steps=2)
+    with pytest.raises(KeyboardInterrupt):
+        train(config)
+    out = Path(config["output_dir"])
+    assert [p.name for p in list_checkpoints(out)] == ["step-00000002"]
+    monkeypatch.setattr(Accelerator, "save_state", real_save_state)
+    resumed = train({**config, "resume_from": "latest"})
+    uninterrupted = train(base_config(tmp_path / "u", colbertkit_dir, dataset, save_steps=2))
+    assert_same_weights(final_weights(resumed.model_dir), final_weights(uninterrupted.model_dir))
+    assert [m["step"] for m in read_metrics(out)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_gradient_accumulation_counts_optimizer_steps(tmp_path, colbertkit_dir, dataset):
+    result = train(base_config(tmp_path, colbertkit_dir, dataset, gradient_accumulation_steps=4))
+    assert result.global_step == 2  # 6 micro-batches -> windows of 4 and 2
+
+
+def test_head_only_training_freezes_the_encoder(tmp_path, colbertkit_dir, dataset):
+    result = train(base_config(tmp_path, colbertkit_dir, dataset, train_head_only=True))
+    before, after = final_weights(colbertkit_dir), final_weights(result.model_dir)
+    for name in before:
+        if name.startswith("head."):
+            assert not torch.equal(before[name], after[name]), name
+        else:
+            assert torch.equal(before[name], after[name]), name
+
+
+def test_fresh_head_from_a_bare_encoder(tmp_path, encoder_dir, dataset):
+    result = train(base_config(tmp_path, encoder_dir, dataset, colbert_dim=8, max_steps=2))
+    weights = final_weights(result.model_dir)
+    assert weights["head.weight"].shape == (8, 32)
+
+
+def test_gradient_checkpointing_and_grad_cache_match_the_plain_run(
+    tmp_path, colbertkit_dir, dataset
+):
+    """Same chunks, same dropout masks: checkpointing and GradCache change memory, not maths."""
+
+    def weights(name, **overrides):
+        config = base_config(
+            tmp_path / name, colbertkit_dir, dataset, max_steps=3, encode_chunk_size=3, **overrides
+        )
+        return final_weights(train(config).model_dir)
+
+    plain = weights("plain")
+    for name, overrides in {
+        "checkpointing": {"gradient_checkpointing": True},
+        "gradcache": {"grad_cache": True},
+    }.items():
+        other = weights(name, **overrides)
+        for key in plain:
+            torch.testing.assert_close(
+                other[key], plain[key], rtol=1e-4, atol=1e-5, msg=f"{name}: {key}"
+            )
+
+
+def test_bf16_runs_on_cpu(tmp_path, colbertkit_dir, dataset):
+    result = train(
+        base_config(tmp_path, colbertkit_dir, dataset, mixed_precision="bf16", max_steps=2)
+    )
+    assert result.global_step == 2 and result.last_loss is not None
+
+
+@pytest.mark.slow
+def test_toy_task_is_learned(tmp_path, colbertkit_dir):
+    """The loss falls clearly and held-out MRR@10 rises on a task that needs learning."""
+    train_file = write_rows(tmp_path / "train.jsonl", toy_rows(160, seed=1, negatives=6))
+    eval_file = write_rows(tmp_path / "eval.jsonl", toy_rows(40, seed=2, negatives=6))
+    result = train(
+        base_config(
+            tmp_path, colbertkit_dir, train_file, eval_dataset=str(eval_file), epochs=4,
+            batch_size=8, neg_nums=4, lr=2e-3, warmup_proportion=0.05, eval_at_start=True,
+            logging_steps=5,
+        )
+    )  # fmt: skip
+    losses = [m["train/loss"] for m in read_metrics(result.output_dir) if "train/loss" in m]
+    first, last = sum(losses[:2]) / 2, sum(losses[-2:]) / 2
+    assert last < 0.5 * first, losses
+    mrr = [entry["mrr@10"] for entry in result.eval_history]
+    assert mrr[-1] > mrr[0] + 0.2, result.eval_history
+    assert (result.output_dir / "best" / "colbertkit.json").is_file()
+    assert result.best_metric == max(mrr)
+
+
+@pytest.mark.parametrize("backend", ["tensorboard", "wandb"])
+def test_trackers_write_next_to_metrics_jsonl(
+    tmp_path, colbertkit_dir, dataset, backend, monkeypatch
+):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    config = base_config(
+        tmp_path, colbertkit_dir, dataset, log_with=backend, max_steps=2, run_name="toy"
+    )
+    result = train(config)
+    assert [m["step"] for m in read_metrics(result.output_dir)] == [1, 2]
+    if backend == "tensorboard":
+        assert list((result.output_dir / "logs").rglob("events.out.tfevents.*"))
+    else:
+        assert list((result.output_dir / "wandb").glob("offline-run-*"))
+
+
+@pytest.mark.slow
+def test_minilm_trains_a_few_steps_and_the_result_scores(tmp_path):
+    """The packaged all-MiniLM-L6-v2 (no head: a fresh one) trains on example_data/ and the
+    saved model works in `colbertkit score`."""
+    from typer.testing import CliRunner
+
+    from colbertkit.cli.app import app
+
+    example = Path(__file__).resolve().parents[1] / "example_data" / "train.jsonl"
+    dataset = (
+        example if example.is_file() else write_rows(tmp_path / "train.jsonl", toy_rows(8, seed=4))
+    )
+    config = base_config(
+        tmp_path, Path("sentence-transformers/all-MiniLM-L6-v2"), dataset, batch_size=2, neg_nums=3,
+        max_steps=3, lr=2e-5, query_max_len=32, passage_max_len=64, colbert_dim=128,
+    )  # fmt: skip
+    config["model"] = "sentence-transformers/all-MiniLM-L6-v2"
+    result = train(config)
+    assert result.global_step == 3 and result.last_loss is not None
+    pairs = tmp_path / "pairs.tsv"
+    pairs.write_text(
+        "what is the capital of france\tParis is the capital of France.\n"
+        "what is the capital of france\tThe cat sat on the mat.\n"
+    )
+    scored = CliRunner().invoke(
+        app, ["score", str(result.model_dir), str(pairs), "--format", "tsv"]
+    )
+    assert scored.exit_code == 0, scored.output
+    scores = [float(line.rsplit("\t", 1)[1]) for line in scored.stdout.splitlines()]
+    assert len(scores) == 2 and scores[0] > scores[1]
+
+
+def test_bad_data_stops_before_training(tmp_path, colbertkit_dir):
+    from colbertkit.errors import ColbertkitError
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(
+        json.dumps({"query": "q", "pos": "a bare string", "neg": ["n"]}) + "\n" + "{not json\n"
+    )
+    with pytest.raises(ColbertkitError, match=r"2 errors .*colbertkit validate-data"):
+        train(base_config(tmp_path, colbertkit_dir, bad))
+    assert not (tmp_path / "run" / "train_config.json").exists()
