@@ -19,6 +19,10 @@ _LAZY = {
     "save_checkpoint": "colbertkit.checkpoint",
     "score_pairs": "colbertkit.scorer",
     "PairScorer": "colbertkit.scorer",
+    "validate_dataset": "colbertkit.validation",
+    "train": "colbertkit.training",
+    "TrainConfig": "colbertkit.train_config",
+    "export_model": "colbertkit.export",
 }
 
 __all__ = ["__version__", *_LAZY]

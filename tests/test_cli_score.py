@@ -181,6 +181,9 @@ def test_debug_shows_the_traceback(reference_dir, tmp_path, monkeypatch):
     )
     assert result.exit_code != 0
     assert result.exception is not None and "no such file" in str(result.exception)
+    # The next command without --debug is back to one red line and exit 2.
+    again = runner.invoke(app, ["score", str(reference_dir), str(tmp_path / "absent.tsv")])
+    assert again.exit_code == 2 and "no such file" in again.stderr
 
 
 def test_fresh_head_on_an_encoder_without_head(encoder_dir, pairs_file):

@@ -28,8 +28,18 @@ def stderr_console() -> Console:
     return Console(file=sys.stderr, highlight=False, soft_wrap=True)
 
 
+_debug_flag = False
+
+
+def set_debug(enabled: bool) -> None:
+    """``--debug`` of the command being run (the app's callback sets it on every call)."""
+    global _debug_flag
+    _debug_flag = enabled
+
+
 def debug_enabled() -> bool:
-    return os.environ.get(DEBUG_ENV, "") not in ("", "0", "false", "no")
+    """``--debug`` on this command line, or COLBERTKIT_DEBUG set in the environment."""
+    return _debug_flag or os.environ.get(DEBUG_ENV, "") not in ("", "0", "false", "no")
 
 
 def handle_errors(command: F) -> F:

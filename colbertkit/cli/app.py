@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import os
-
 import typer
 
 from colbertkit import __version__
-from colbertkit.cli import score, validate
-from colbertkit.cli._common import DEBUG_ENV
+from colbertkit.cli import export, score, train, validate
+from colbertkit.cli._common import DEBUG_ENV, set_debug
 
 app = typer.Typer(
     name="colbertkit",
@@ -35,12 +33,14 @@ def _global_options(
         False, "--debug", help=f"Show full tracebacks (or set {DEBUG_ENV}=1)."
     ),
 ) -> None:
-    if debug:
-        os.environ[DEBUG_ENV] = "1"
+    # Set on every invocation, so one command's --debug never leaks into the next call.
+    set_debug(debug)
 
 
 app.command("score", no_args_is_help=True)(score.score_command)
 app.command("validate-data", no_args_is_help=True)(validate.validate_command)
+app.command("train", no_args_is_help=True)(train.train_command)
+app.command("export", no_args_is_help=True)(export.export_command)
 
 
 def main() -> None:
