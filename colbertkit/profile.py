@@ -24,7 +24,7 @@ from colbertkit.errors import UsageError
 from colbertkit.train_config import _FAMILIAR_NAMES, TrainConfig, describe_validation_error
 
 # Settings of TrainConfig that the launcher fills in from the distributed section.
-LAUNCHER_SETTINGS = frozenset({"expected_num_processes"})
+LAUNCHER_SETTINGS = frozenset({"expected_num_processes", "validate_data"})
 
 
 class DistributedConfig(BaseModel):
@@ -84,10 +84,15 @@ class Profile(TrainConfig):
 
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
 
-    def train_config(self) -> TrainConfig:
-        """The engine's configuration, with the launcher's checks filled in."""
+    def train_config(self, *, validate_data: bool = True) -> TrainConfig:
+        """The engine's configuration, with the launcher's settings filled in.
+
+        ``validate_data=False`` when the launcher has checked the data itself (or was told not
+        to): N workers need not read a large file N more times.
+        """
         settings = self.model_dump(exclude={"distributed"})
         settings["expected_num_processes"] = self.distributed.world_size
+        settings["validate_data"] = validate_data
         return TrainConfig.model_validate(settings)
 
 
@@ -223,7 +228,7 @@ def _check_keys(settings: Mapping[str, Any], path: Path | None) -> None:
             nearest = difflib.get_close_matches(str(key), candidates, n=1, cutoff=0.5)
             nearest = [_FAMILIAR_NAMES.get(name, name) for name in nearest]
             if key in LAUNCHER_SETTINGS:
-                hint = "the launcher sets it from distributed.num_processes x num_machines"
+                hint = "colbertkit train sets it itself"
             elif nearest:
                 hint = f"did you mean '{prefix}{nearest[0]}'?"
             else:

@@ -56,6 +56,7 @@ RESUMABLE_CHANGES = frozenset(
         "recall_at",
         "best_metric",
         "expected_num_processes",
+        "validate_data",
     }
 )
 
@@ -176,6 +177,12 @@ class TrainConfig(BaseModel):
     run_name: str | None = None
     logging_steps: int = Field(default=10, ge=1)
     progress_bar: bool = True
+
+    validate_data: bool = Field(
+        default=True,
+        description="Run the validate-data checks before training; colbertkit train does it "
+        "once in the launcher and turns it off for its workers.",
+    )
 
     # -- distribution ---------------------------------------------------------------------------
     expected_num_processes: int | None = Field(

@@ -132,7 +132,8 @@ def train(config: TrainConfig | Mapping[str, Any]) -> TrainResult:
     accelerator.wait_for_everyone()  # every process checked the directory before anyone writes
 
     # -- data ----------------------------------------------------------------------------------
-    _validate_data(config, console)
+    if config.validate_data:
+        _validate_data(config, console)
     rows = _read_rows(config.dataset, require_negatives=config.neg_nums > 0)
     eval_rows = (
         _read_rows(config.eval_dataset, require_negatives=False) if config.eval_dataset else None

@@ -125,6 +125,9 @@ def test_two_cpu_processes_train_together_and_the_model_scores(tmp_path, referen
     assert "2 process(es)" in result.stderr
     run = tmp_path / "run"
     assert (run / "accelerate_config.yaml").is_file() and (run / "profile.yaml").is_file()
+    launched = json.loads((run / "launch_profile.json").read_text())
+    # The launcher validated the data once; the workers do not read it again to check it.
+    assert launched["validate_data"] is False and launched["expected_num_processes"] == 2
     # Written once by the main process: one metrics line per step, one model, no leftovers.
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics if "train/loss" in m] == [1, 2]

@@ -35,7 +35,7 @@ def write_profile(tmp_path: Path, text: str) -> Path:
         (BASE + "learning_rat: 1e-5\n", "unknown setting 'learning_rat' (did you mean 'lr'?)"),
         (BASE + "learning_rate: 1e-5\n", "unknown setting 'learning_rate' (did you mean 'lr'?)"),
         (BASE + "distributed:\n  stratgy: ddp\n", "unknown setting 'distributed.stratgy' (did you mean 'distributed.strategy'?)"),
-        (BASE + "expected_num_processes: 2\n", "the launcher sets it"),
+        (BASE + "expected_num_processes: 2\n", "colbertkit train sets it itself"),
         (BASE + "lr: fast\n", "invalid profile: lr: Input should be a valid number"),
         (BASE + "batch_size: 0\n", "batch_size: Input should be greater than or equal to 1"),
         (BASE + "distributed:\n  num_processes: 2\n", "strategy 'none' runs one process but num_processes x num_machines is 2"),

@@ -500,3 +500,16 @@ def test_bad_data_stops_before_training(tmp_path, colbertkit_dir):
     with pytest.raises(ColbertkitError, match=r"2 errors .*colbertkit validate-data"):
         train(base_config(tmp_path, colbertkit_dir, bad))
     assert not (tmp_path / "run" / "train_config.json").exists()
+
+
+def test_validation_can_be_left_to_the_launcher(tmp_path, colbertkit_dir, dataset, monkeypatch):
+    import colbertkit.validation
+
+    def fail(*args, **kwargs):
+        raise AssertionError("validate_dataset ran although validate_data is off")
+
+    monkeypatch.setattr(colbertkit.validation, "validate_dataset", fail)
+    config = base_config(tmp_path, colbertkit_dir, dataset, max_steps=1, validate_data=False)
+    assert train(config).output_dir.is_dir()
+    with pytest.raises(AssertionError, match="validate_dataset ran"):
+        train(base_config(tmp_path / "again", colbertkit_dir, dataset, max_steps=1))

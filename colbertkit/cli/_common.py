@@ -6,6 +6,7 @@ Heavy libraries (torch, transformers) are imported inside commands, never here, 
 
 from __future__ import annotations
 
+import enum
 import functools
 import os
 import sys
@@ -19,6 +20,15 @@ from rich.console import Console
 from colbertkit.errors import ColbertkitError
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+class DType(str, enum.Enum):
+    """Weight precision, as the commands spell it."""
+
+    fp32 = "fp32"
+    fp16 = "fp16"
+    bf16 = "bf16"
+
 
 DEBUG_ENV = "COLBERTKIT_DEBUG"
 

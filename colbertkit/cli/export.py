@@ -7,19 +7,13 @@ from pathlib import Path
 
 import typer
 
-from colbertkit.cli._common import handle_errors, stderr_console
+from colbertkit.cli._common import DType, handle_errors, stderr_console
 from colbertkit.errors import UsageError
 
 
 class Layout(str, enum.Enum):
     colbertkit = "colbertkit"
     reference = "reference"
-
-
-class DType(str, enum.Enum):
-    fp32 = "fp32"
-    fp16 = "fp16"
-    bf16 = "bf16"
 
 
 @handle_errors

@@ -11,7 +11,7 @@ from typing import IO
 
 import typer
 
-from colbertkit.cli._common import handle_errors, progress_bar, stderr_console
+from colbertkit.cli._common import DType, handle_errors, progress_bar, stderr_console
 from colbertkit.errors import UsageError
 
 
@@ -21,12 +21,6 @@ class OutputFormat(str, enum.Enum):
     tsv = "tsv"
     jsonl = "jsonl"
     trec = "trec"
-
-
-class DType(str, enum.Enum):
-    fp32 = "fp32"
-    fp16 = "fp16"
-    bf16 = "bf16"
 
 
 @handle_errors
