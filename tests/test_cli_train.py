@@ -214,3 +214,12 @@ def test_an_existing_run_is_not_touched_without_overwrite(tmp_path, reference_di
     assert "already holds a training run; continue it with --resume" in result.stderr
     assert (run / "profile.yaml").read_text() == "the old run's profile\n"
     assert sorted(p.name for p in run.iterdir()) == ["model", "profile.yaml"]
+
+
+def test_settings_that_contradict_the_checkpoint_metadata_are_reported(tmp_path, colbertkit_dir):
+    # colbertkit_dir was saved with query_max_len 32 and passage_max_len 64.
+    profile = write_profile(tmp_path, colbertkit_dir, query_max_len=16, passage_max_len=64)
+    result = runner.invoke(app, ["train", "--profile", str(profile), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "note: query_max_len is 16 here but 32 in" in result.stderr
+    assert "passage_max_len" not in result.stderr  # agrees: nothing to say
