@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import signal
 import subprocess
@@ -224,45 +223,37 @@ def _terminate_group(process: subprocess.Popen, grace: float = 10.0) -> None:
 def plan_in_words(
     profile: Profile, *, gpu: bool, num_examples: int | None, parameters: int | None
 ) -> list[str]:
-    """What the run will do, for ``--dry-run`` and the start of a launch."""
+    """What the run will do, for ``--dry-run`` and the start of a launch.
+
+    The numbers are the engine's own (:func:`colbertkit.training.plan_training`); it counts
+    the examples itself when ``num_examples`` is None.
+    """
+    from colbertkit.training import plan_training
+
     dist = profile.distributed
-    world = dist.world_size
-    per_device = profile.batch_size
-    global_batch = per_device * world
-    effective = global_batch * profile.gradient_accumulation_steps
-    negatives = per_device * profile.neg_nums
-    if profile.gather_across_processes:
-        negatives *= world
-    if profile.other_positives_as_negatives:
-        negatives += (global_batch if profile.gather_across_processes else per_device) - 1
-    device = "GPU" if gpu else "CPU"
+    plan = plan_training(profile.train_config(), dist.world_size, num_examples=num_examples)
+    per_device = plan["batch_size_per_process"]
     lines = [
-        f"world size {world}: {dist.num_processes} process(es) x {dist.num_machines} machine(s) "
-        f"on {device}, strategy {dist.strategy}",
-        f"batch: {per_device} queries per device, {global_batch} per step over all devices, "
-        f"effective {effective} with gradient accumulation {profile.gradient_accumulation_steps}",
-        f"each query sees {negatives} negatives per step "
+        f"world size {plan['world_size']}: {dist.num_processes} process(es) x "
+        f"{dist.num_machines} machine(s) on {'GPU' if gpu else 'CPU'}, strategy {dist.strategy}",
+        f"batch: {per_device} queries per device, {plan['global_batch_size']} per step over all "
+        f"devices, effective {plan['effective_batch_size']} with gradient accumulation "
+        f"{profile.gradient_accumulation_steps}",
+        f"each query sees {plan['negatives_per_query']} negatives per step "
         f"({profile.neg_nums} hard negatives x {per_device} queries"
-        + (f" x {world} processes gathered" if profile.gather_across_processes else "")
+        + (f" x {dist.world_size} processes gathered" if profile.gather_across_processes else "")
         + (" + the other queries' positives" if profile.other_positives_as_negatives else "")
         + "); gradient accumulation adds none"
         + ("; gradient caching keeps the memory of one chunk" if profile.grad_cache else ""),
+        f"{plan['examples']} examples (one per positive): {plan['steps_per_epoch']} steps per "
+        f"epoch, {plan['total_steps']} steps in all, {plan['warmup_steps']} warm-up steps",
     ]
-    if num_examples is not None:
-        from colbertkit.collate import process_batches  # the engine's own batching
-
-        batches = len(process_batches(num_examples, per_device, world, 0))
-        steps_per_epoch = math.ceil(batches / profile.gradient_accumulation_steps)
-        total = profile.max_steps or profile.epochs * steps_per_epoch
-        warmup = int(profile.warmup_proportion * total)
-        lines.append(
-            f"{num_examples} examples (one per positive): {steps_per_epoch} steps per epoch, "
-            f"{total} steps in all, {warmup} warm-up steps"
-        )
     if dist.strategy == "fsdp":
-        lines.append("sharding: " + SHARDING_IN_WORDS[dist.fsdp_sharding].format(n=world))
+        lines.append("sharding: " + SHARDING_IN_WORDS[dist.fsdp_sharding].format(n=dist.world_size))
     elif dist.strategy == "ddp":
-        lines.append(f"no sharding: each of the {world} processes holds the whole model (DDP)")
+        lines.append(
+            f"no sharding: each of the {dist.world_size} processes holds the whole model (DDP)"
+        )
     if parameters is not None:
         lines.append(memory_estimate(profile, parameters))
     return lines

@@ -138,19 +138,8 @@ def train(config: TrainConfig | Mapping[str, Any]) -> TrainResult:
     eval_rows = (
         _read_rows(config.eval_dataset, require_negatives=False) if config.eval_dataset else None
     )
-    num_examples = sum(len(row.pos) for row in rows)
-    batches_per_epoch = len(
-        process_batches(num_examples, config.batch_size, world_size, accelerator.process_index)
-    )
-    if batches_per_epoch == 0:
-        raise UsageError(
-            f"{config.dataset}: {num_examples} examples cannot fill one batch of "
-            f"{config.batch_size} x {world_size} processes; lower batch_size or add data"
-        )
-    steps_per_epoch = math.ceil(batches_per_epoch / config.gradient_accumulation_steps)
-    total_steps = config.max_steps or config.epochs * steps_per_epoch
-    warmup_steps = int(config.warmup_proportion * total_steps)
-    plan = _plan(config, world_size, num_examples, steps_per_epoch, total_steps, warmup_steps)
+    plan = plan_training(config, world_size, num_examples=sum(len(row.pos) for row in rows))
+    total_steps, warmup_steps = plan["total_steps"], plan["warmup_steps"]
 
     # -- model, optimizer, schedule ------------------------------------------------------------
     colbert, tokenizer, model_notes = _load_model(config)
@@ -594,15 +583,30 @@ def _parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, A
     ]
 
 
-def _plan(
-    config: TrainConfig,
-    world_size: int,
-    num_examples: int,
-    steps_per_epoch: int,
-    total_steps: int,
-    warmup_steps: int,
+def plan_training(
+    config: TrainConfig | Mapping[str, Any], world_size: int = 1, *, num_examples: int | None = None
 ) -> dict[str, Any]:
-    """The numbers a user should check before spending GPU time (written with the config)."""
+    """The numbers to check before spending GPU time; written with the config as ``plan``.
+
+    World size, examples, per-process / global / effective batch, the negatives each query
+    really sees per step (gradient accumulation adds none; gathering multiplies them by the
+    world size), steps per epoch, total and warm-up steps. Counts the examples by reading the
+    dataset unless ``num_examples`` is given; loads no model (a launcher's dry run can call it).
+    """
+    config = load_train_config(config)
+    if num_examples is None:
+        num_examples = sum(
+            len(row.pos) for row in _read_rows(config.dataset, require_negatives=False)
+        )
+    batches_per_epoch = len(process_batches(num_examples, config.batch_size, world_size, 0))
+    if batches_per_epoch == 0:
+        raise UsageError(
+            f"{config.dataset}: {num_examples} examples cannot fill one batch of "
+            f"{config.batch_size} x {world_size} processes; lower batch_size or add data"
+        )
+    steps_per_epoch = math.ceil(batches_per_epoch / config.gradient_accumulation_steps)
+    total_steps = config.max_steps or config.epochs * steps_per_epoch
+    warmup_steps = int(config.warmup_proportion * total_steps)
     per_process = config.batch_size
     negatives = per_process * config.neg_nums
     if config.gather_across_processes:

@@ -413,11 +413,18 @@ def test_gradient_checkpointing_and_grad_cache_match_the_plain_run(
             )
 
 
-def test_bf16_runs_on_cpu(tmp_path, colbertkit_dir, dataset):
-    result = train(
-        base_config(tmp_path, colbertkit_dir, dataset, mixed_precision="bf16", max_steps=2)
-    )
-    assert result.global_step == 2 and result.last_loss is not None
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"mixed_precision": "bf16"},
+        {"other_positives_as_negatives": True, "neg_nums": 0, "progress_bar": True},
+        {"negatives_sampling": "once", "encode_chunk_size": None, "pad_to_multiple_of": 8},
+    ],
+    ids=["bf16-on-cpu", "in-batch-positives-only", "sampling-once-unchunked"],
+)
+def test_option_combinations_run(tmp_path, colbertkit_dir, dataset, overrides):
+    result = train(base_config(tmp_path, colbertkit_dir, dataset, max_steps=2, **overrides))
+    assert result.global_step == 2 and result.last_loss is not None and result.last_loss > 0
 
 
 @pytest.mark.slow
@@ -513,3 +520,20 @@ def test_validation_can_be_left_to_the_launcher(tmp_path, colbertkit_dir, datase
     assert train(config).output_dir.is_dir()
     with pytest.raises(AssertionError, match="validate_dataset ran"):
         train(base_config(tmp_path / "again", colbertkit_dir, dataset, max_steps=1))
+
+
+def test_plan_counts_negatives_steps_and_warmup(tmp_path, dataset):
+    from colbertkit.training import plan_training
+
+    settings = {"model": "m", "dataset": str(dataset), "output_dir": "o", "neg_nums": 3}
+    plan = plan_training({**settings, "batch_size": 4, "warmup_proportion": 0.5}, world_size=2)
+    # 24 examples, global batch 8: 3 steps; 4 queries x 3 negatives seen per query, per process
+    assert plan["total_steps"] == 3 and plan["warmup_steps"] == 1
+    assert plan["negatives_per_query"] == 12 and plan["global_batch_size"] == 8
+    gathered = plan_training(
+        {**settings, "batch_size": 4, "gather_across_processes": True}, world_size=2
+    )
+    assert gathered["negatives_per_query"] == 24
+    accumulated = plan_training({**settings, "batch_size": 2, "gradient_accumulation_steps": 3})
+    assert accumulated["effective_batch_size"] == 6 and accumulated["negatives_per_query"] == 6
+    assert accumulated["total_steps"] == 4  # 12 micro-batches / 3
