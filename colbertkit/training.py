@@ -473,8 +473,8 @@ def _make_accelerator(config: TrainConfig) -> Any:
     return accelerator
 
 
-def _validate_data(config: TrainConfig, console: _Console) -> None:
-    """The `validate-data` checks first: every problem of the files, before any model loads."""
+def validate_training_data(config: TrainConfig) -> Any:
+    """The `validate-data` checks of a run's files; raises on errors, returns the report."""
     from colbertkit.validation import validate_dataset
 
     report = validate_dataset(
@@ -484,6 +484,12 @@ def _validate_data(config: TrainConfig, console: _Console) -> None:
         batch_size=config.batch_size,
     )
     report.raise_for_errors()
+    return report
+
+
+def _validate_data(config: TrainConfig, console: _Console) -> None:
+    """Every problem of the files, before any model loads; warnings are counted, not listed."""
+    report = validate_training_data(config)
     if report.warning_count:
         console.print(
             f"data: {report.warning_count} warning(s); "

@@ -161,15 +161,10 @@ def _report_checkpoint_conflicts(console, profile) -> None:
 
 
 def _validate_data(profile) -> int:
-    from colbertkit.validation import validate_dataset
+    """The engine's own data checks, once, in the launcher; returns the number of examples."""
+    from colbertkit.training import validate_training_data
 
-    report = validate_dataset(
-        profile.dataset,
-        neg_nums=profile.neg_nums,
-        eval_path=profile.eval_dataset,
-        batch_size=profile.batch_size,
-    )
-    report.raise_for_errors()
+    report = validate_training_data(profile.train_config())
     return int(report.file("train").to_dict()["statistics"]["examples"])
 
 
