@@ -5,6 +5,7 @@ Nothing here downloads: the model is built from a config, the vocabulary is writ
 
 from __future__ import annotations
 
+import json
 import os
 import string
 from pathlib import Path
@@ -110,3 +111,52 @@ def colbertkit_dir(tmp_path_factory, tiny_parts) -> Path:
     path = tmp_path_factory.mktemp("ck") / "model"
     save_checkpoint(ColBERT(encoder, head), tokenizer, path, query_max_len=32, passage_max_len=64)
     return path
+
+
+def write_training_rows(path: Path, count: int) -> Path:
+    words = sorted(set(WORDS))
+    rows = []
+    for i in range(count):
+        query = " ".join(words[(i * 7 + k) % len(words)] for k in range(2))
+        rows.append(
+            {
+                "query": query,
+                "pos": [query + " " + " ".join(words[(i * 3 + k) % len(words)] for k in range(4))],
+                "neg": [
+                    " ".join(words[(i * 5 + j + k) % len(words)] for k in range(5))
+                    for j in range(3)
+                ],
+            }
+        )
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+@pytest.fixture(scope="session")
+def training_run(tmp_path_factory, colbertkit_dir) -> Path:
+    """A real run of the training engine: 2 steps, a checkpoint at step 2, the final model."""
+    from colbertkit.training import train
+
+    root = tmp_path_factory.mktemp("train")
+    config = {
+        "model": str(colbertkit_dir),
+        "dataset": str(write_training_rows(root / "train.jsonl", 8)),
+        "output_dir": str(root / "run"),
+        "batch_size": 4,
+        "neg_nums": 2,
+        "max_steps": 2,
+        "save_steps": 2,
+        "lr": 1e-2,
+        "query_max_len": 16,
+        "passage_max_len": 24,
+        "progress_bar": False,
+        "seed": 3,
+    }
+    result = train(config)
+    return result.output_dir
+
+
+@pytest.fixture(scope="session")
+def training_checkpoint(training_run) -> Path:
+    (checkpoint,) = sorted((training_run / "checkpoints").iterdir())
+    return checkpoint

@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -163,27 +162,3 @@ def test_help_is_instant_and_imports_no_torch():
         [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 0, done.stderr
-
-
-@pytest.fixture(scope="module")
-def training_checkpoint(tmp_path_factory, colbertkit_dir):
-    from colbertkit.training import train
-    from tests.test_export import _write_rows
-
-    root = tmp_path_factory.mktemp("cli-train")
-    result = train(
-        {
-            "model": str(colbertkit_dir),
-            "dataset": str(_write_rows(root / "train.jsonl", 8)),
-            "output_dir": str(root / "run"),
-            "batch_size": 4,
-            "neg_nums": 2,
-            "max_steps": 2,
-            "save_steps": 2,
-            "query_max_len": 16,
-            "passage_max_len": 24,
-            "progress_bar": False,
-        }
-    )
-    (checkpoint,) = sorted((result.output_dir / "checkpoints").iterdir())
-    return checkpoint

@@ -38,7 +38,7 @@ from colbertkit.export import (
     write_safetensors,
 )
 from colbertkit.scorer import PairScorer
-from tests.conftest import COLBERT_DIM, HIDDEN, WORDS
+from tests.conftest import COLBERT_DIM, HIDDEN
 
 REPO = Path(__file__).resolve().parents[1]
 PAIRS = [
@@ -93,55 +93,6 @@ class _Exploit:
 # --------------------------------------------------------------------------------------------
 # Checkpoints the fixtures in conftest do not have
 # --------------------------------------------------------------------------------------------
-
-
-def _write_rows(path: Path, count: int) -> Path:
-    words = sorted(set(WORDS))
-    rows = []
-    for i in range(count):
-        query = " ".join(words[(i * 7 + k) % len(words)] for k in range(2))
-        rows.append(
-            {
-                "query": query,
-                "pos": [query + " " + " ".join(words[(i * 3 + k) % len(words)] for k in range(4))],
-                "neg": [
-                    " ".join(words[(i * 5 + j + k) % len(words)] for k in range(5))
-                    for j in range(3)
-                ],
-            }
-        )
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return path
-
-
-@pytest.fixture(scope="module")
-def training_run(tmp_path_factory, colbertkit_dir) -> Path:
-    """A real run of the training engine: 2 steps, a checkpoint at step 2, the final model."""
-    from colbertkit.training import train
-
-    root = tmp_path_factory.mktemp("train")
-    config = {
-        "model": str(colbertkit_dir),
-        "dataset": str(_write_rows(root / "train.jsonl", 8)),
-        "output_dir": str(root / "run"),
-        "batch_size": 4,
-        "neg_nums": 2,
-        "max_steps": 2,
-        "save_steps": 2,
-        "lr": 1e-2,
-        "query_max_len": 16,
-        "passage_max_len": 24,
-        "progress_bar": False,
-        "seed": 3,
-    }
-    result = train(config)
-    return result.output_dir
-
-
-@pytest.fixture(scope="module")
-def training_checkpoint(training_run) -> Path:
-    (checkpoint,) = sorted((training_run / "checkpoints").iterdir())
-    return checkpoint
 
 
 @pytest.fixture(scope="module")
