@@ -1,16 +1,21 @@
 """Training examples, per-process batches and dynamic padding.
 
 * :func:`epoch_examples` turns rows into examples (one per positive, ``neg_nums`` negatives by
-  the reference rule) and shuffles them, all from a generator seeded by (seed, epoch): an
-  epoch's examples are a pure function of the data, the seed and the epoch number, which is what
-  makes resuming at "epoch e, batch b" exact.
-* :class:`Collator` tokenizes a batch without padding; :func:`length_sorted_chunks` then pads
-  sequences in chunks of similar length, each to its own longest (rounded up to a multiple of 8
-  on GPU), instead of padding everything to ``passage_max_len``.
+  the reference rule; a graded row gives one example, see :func:`build_examples`) and shuffles
+  them, all from a generator seeded by (seed, epoch): an epoch's examples are a pure function of
+  the data, the seed and the epoch number, which is what makes resuming at "epoch e, batch b"
+  exact. Negatives are drawn as indices, so teacher scores stay with their passages.
+* :class:`Collator` tokenizes a batch without padding and carries, as tensors, what the loss
+  needs besides the texts: the teacher scores of each query's passages and text fingerprints
+  that tell which passages are positives of which query (in-batch masking, also across
+  processes). :func:`length_sorted_chunks` then pads sequences in chunks of similar length, each
+  to its own longest (rounded up to a multiple of 8 on GPU), instead of padding everything to
+  ``passage_max_len``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,16 +23,29 @@ from typing import Any
 
 import torch
 
-from colbertkit.data import TrainingRow, sample_negatives
+from colbertkit.data import TrainingRow, sample_negative_indices
+from colbertkit.errors import ColbertkitError
 
 
 @dataclass(frozen=True)
 class TrainingExample:
-    """One query with one positive and its sampled hard negatives."""
+    """One query with one positive and its sampled hard negatives.
+
+    ``teacher_scores``: the teacher's score of each passage, aligned with
+    ``(positive, *negatives)``, or None when the row has none. ``query_positives``: every text
+    that is a positive of this query in the data (all its rows), so no batch uses one of them as
+    a negative for it.
+    """
 
     query: str
     positive: str
     negatives: tuple[str, ...]
+    teacher_scores: tuple[float, ...] | None = None
+    query_positives: frozenset[str] = frozenset()
+
+    @property
+    def passages(self) -> tuple[str, ...]:
+        return (self.positive, *self.negatives)
 
 
 def epoch_generator(seed: int, epoch: int) -> random.Random:
@@ -36,15 +54,89 @@ def epoch_generator(seed: int, epoch: int) -> random.Random:
 
 
 def build_examples(
-    rows: Sequence[TrainingRow], neg_nums: int, generator: random.Random
+    rows: Sequence[TrainingRow],
+    neg_nums: int,
+    generator: random.Random,
+    *,
+    graded_rows: bool = True,
 ) -> list[TrainingExample]:
-    """One example per positive of every row, in file order, negatives drawn from ``generator``."""
+    """The examples of ``rows`` in file order, negatives drawn from ``generator``.
+
+    * A row with negatives gives one example per positive; each draws ``neg_nums`` of the row's
+      negatives (the reference rule), and their teacher scores with them.
+    * A graded row (no ``neg``; every passage of ``pos`` scored by the teacher) gives one
+      example: its top-scored passage (the first one on a tie) is the positive and ``neg_nums``
+      of the other passages, drawn by the same rule, are its graded candidates. A distilling
+      loss learns the teacher's preferences among all of them; a contrastive term treats the
+      candidates as negatives. ``graded_rows=False`` (a loss that ignores teacher scores) reads
+      such a row like any other: one example per positive.
+    """
+    positives_of = query_positives(rows, graded_rows=graded_rows)
     examples = []
     for row in rows:
-        for positive in row.pos:
-            negatives = sample_negatives(row.neg, neg_nums, generator)
-            examples.append(TrainingExample(row.query, positive, tuple(negatives)))
+        positives = positives_of[row.query]
+        if graded_rows and row.is_graded:
+            scores = row.pos_scores
+            assert scores is not None
+            best = max(range(len(scores)), key=scores.__getitem__)
+            others = [i for i in range(len(row.pos)) if i != best]
+            drawn = [others[i] for i in _draw(len(others), neg_nums, generator)]
+            examples.append(
+                TrainingExample(
+                    row.query,
+                    row.pos[best],
+                    tuple(row.pos[i] for i in drawn),
+                    tuple(float(scores[i]) for i in (best, *drawn)),
+                    positives,
+                )
+            )
+            continue
+        for index, positive in enumerate(row.pos):
+            drawn = _draw(len(row.neg), neg_nums, generator)
+            teacher = None
+            if row.pos_scores is not None and (row.neg_scores is not None or not drawn):
+                negative_scores = row.neg_scores or []
+                teacher = (
+                    float(row.pos_scores[index]),
+                    *(float(negative_scores[i]) for i in drawn),
+                )
+            examples.append(
+                TrainingExample(
+                    row.query, positive, tuple(row.neg[i] for i in drawn), teacher, positives
+                )
+            )
     return examples
+
+
+def _draw(available: int, neg_nums: int, generator: random.Random) -> list[int]:
+    if neg_nums == 0:
+        return []
+    if not available:
+        raise ColbertkitError(
+            f"a row has no hard negatives but neg_nums is {neg_nums}; add negatives to every "
+            "row or set neg_nums to 0 (see `colbertkit validate-data FILE`)"
+        )
+    return sample_negative_indices(available, neg_nums, generator)
+
+
+def count_examples(rows: Sequence[TrainingRow], *, graded_rows: bool = True) -> int:
+    """Examples of an epoch: one per positive, one per graded row (see :func:`build_examples`)."""
+    return sum(1 if graded_rows and row.is_graded else len(row.pos) for row in rows)
+
+
+def query_positives(
+    rows: Sequence[TrainingRow], *, graded_rows: bool = True
+) -> dict[str, frozenset[str]]:
+    """Every positive text of each query, over all its rows (a graded row: its top passage)."""
+    found: dict[str, set[str]] = {}
+    for row in rows:
+        if graded_rows and row.is_graded:
+            assert row.pos_scores is not None
+            best = max(range(len(row.pos_scores)), key=row.pos_scores.__getitem__)
+            found.setdefault(row.query, set()).add(row.pos[best])
+        else:
+            found.setdefault(row.query, set()).update(row.pos)
+    return {query: frozenset(texts) for query, texts in found.items()}
 
 
 def epoch_examples(
@@ -54,14 +146,15 @@ def epoch_examples(
     seed: int,
     epoch: int,
     sampling: str = "per_epoch",
+    graded_rows: bool = True,
 ) -> list[TrainingExample]:
-    """The shuffled examples of ``epoch``.
+    """The shuffled examples of ``epoch`` (``graded_rows``: see :func:`build_examples`).
 
     ``sampling="once"`` draws the negatives from epoch 0's generator in every epoch (the
     reference draws them once at load time); the order is still shuffled per epoch.
     """
     negatives_generator = epoch_generator(seed, epoch if sampling == "per_epoch" else 0)
-    examples = build_examples(rows, neg_nums, negatives_generator)
+    examples = build_examples(rows, neg_nums, negatives_generator, graded_rows=graded_rows)
     order_generator = (
         epoch_generator(seed, epoch) if sampling != "per_epoch" else negatives_generator
     )
@@ -74,12 +167,18 @@ class TokenizedBatch:
     """A batch tokenized without padding.
 
     ``passages`` holds ``group_size = 1 + neg_nums`` sequences per query: the positive, then
-    its negatives.
+    its negatives. ``teacher_scores`` (Q, group_size) float32: the teacher's score of each of
+    them, or None when any example of the batch has none. ``passage_fingerprints`` (P,) int64:
+    a 64-bit fingerprint of each passage's text; ``positive_fingerprints`` (Q, K) int64: those
+    of every positive text of each query, padded with 0 (no text has fingerprint 0).
     """
 
     queries: list[list[int]]
     passages: list[list[int]]
     group_size: int
+    teacher_scores: torch.Tensor | None = None
+    passage_fingerprints: torch.Tensor | None = None
+    positive_fingerprints: torch.Tensor | None = None
 
     @property
     def num_queries(self) -> int:
@@ -87,6 +186,22 @@ class TokenizedBatch:
 
     def real_tokens(self) -> int:
         return sum(map(len, self.queries)) + sum(map(len, self.passages))
+
+
+def text_fingerprint(text: str) -> int:
+    """A 64-bit fingerprint of a text, the same in every process (unlike ``hash``); never 0."""
+    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "little", signed=True) or 1
+
+
+def positive_fingerprints(examples: Sequence[TrainingExample]) -> torch.Tensor:
+    """(Q, K) int64: fingerprints of each example's query positives, 0-padded to the most."""
+    lists = [sorted(text_fingerprint(text) for text in ex.query_positives) for ex in examples]
+    width = max(1, max(map(len, lists), default=0))
+    table = torch.zeros((len(lists), width), dtype=torch.long)
+    for row, values in enumerate(lists):
+        table[row, : len(values)] = torch.tensor(values, dtype=torch.long)
+    return table
 
 
 def tokenize(tokenizer: Any, texts: Sequence[str], max_len: int) -> list[list[int]]:
@@ -117,11 +232,21 @@ class Collator:
         return tokenize(self.tokenizer, texts, max_len)
 
     def __call__(self, examples: Sequence[TrainingExample]) -> TokenizedBatch:
-        passages = [text for ex in examples for text in (ex.positive, *ex.negatives)]
+        passages = [text for ex in examples for text in ex.passages]
+        teacher_scores = None
+        if all(ex.teacher_scores is not None for ex in examples):
+            teacher_scores = torch.tensor(
+                [ex.teacher_scores for ex in examples], dtype=torch.float32
+            )  # (Q, group_size)
         return TokenizedBatch(
             queries=self.tokenize([ex.query for ex in examples], self.query_max_len),
             passages=self.tokenize(passages, self.passage_max_len),
             group_size=1 + len(examples[0].negatives),
+            teacher_scores=teacher_scores,
+            passage_fingerprints=torch.tensor(
+                [text_fingerprint(text) for text in passages], dtype=torch.long
+            ),  # (P,)
+            positive_fingerprints=positive_fingerprints(examples),  # (Q, K)
         )
 
 

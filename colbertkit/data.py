@@ -4,6 +4,11 @@ One JSON object a line::
 
     {"query": str, "pos": [str, ...], "neg": [str, ...]}
 
+Rows may carry teacher scores for distillation, aligned with the lists: ``pos_scores`` with
+``pos``, ``neg_scores`` with ``neg`` (finite numbers on the teacher's scale). RAG-Retrieval's
+distillation form ``{"query", "pos": [...], "pos_scores": [...]}`` has no ``neg``: every passage
+is graded (a *graded row*; :func:`graded_example_lists` says how it becomes an example).
+
 :class:`TrainingRow` is the one definition of a valid row. The reader (:func:`read_training_rows`,
 used by ``train``) and the data doctor (:func:`colbertkit.validation.validate_dataset`, behind
 ``colbertkit validate-data``) both go through :func:`check_row`, so they reject exactly the same
@@ -64,15 +69,26 @@ def _check_text(text: str) -> str:
 
 
 Text = Annotated[str, AfterValidator(_check_text)]
+# A teacher score: any finite number (an int is read as a float; a boolean is not a number).
+Score = Annotated[float, Field(allow_inf_nan=False)]
+SCORE_KEYS = ("pos_scores", "neg_scores")
 
 
 class TrainingRow(BaseModel):
-    """One training row: a query, its positives and its hard negatives.
+    """One training row: a query, its positives, its hard negatives and optional teacher scores.
 
     Strict types: a string where a list is expected is an error (never split into characters),
     numbers are not texts. Extra keys are allowed and kept in ``model_extra`` (the validator
-    reports them). Validation context ``{"require_negatives": False}`` makes ``neg`` optional
-    and allows it to be empty.
+    reports them). ``pos_scores`` / ``neg_scores``, when present, hold one finite number per
+    passage of ``pos`` / ``neg``.
+
+    Validation context (:class:`RowRules` as a dict):
+
+    * ``require_negatives`` (default True): ``neg`` must be present and non-empty - except for a
+      *graded row* (no ``neg`` key, ``pos_scores`` present, at least two passages) when
+      ``allow_graded`` is also true. False makes ``neg`` optional and allows it to be empty.
+    * ``allow_graded`` (default True): accept graded rows (the distillation form).
+    * ``require_scores`` (default False): every passage needs a teacher score.
     """
 
     model_config = ConfigDict(strict=True, extra="allow")
@@ -80,26 +96,92 @@ class TrainingRow(BaseModel):
     query: Text
     pos: list[Text] = Field(min_length=1)
     neg: list[Text]
+    pos_scores: list[Score] | None = None
+    neg_scores: list[Score] | None = None
 
     @model_validator(mode="before")
     @classmethod
     def _negatives_optional(cls, data: Any, info: ValidationInfo) -> Any:
-        if not _require_negatives(info) and isinstance(data, dict) and "neg" not in data:
-            return {**data, "neg": []}
+        if isinstance(data, dict) and "neg" not in data:
+            rules = _rules(info)
+            if not rules.require_negatives or (rules.allow_graded and "pos_scores" in data):
+                return {**data, "neg": []}
         return data
 
     @model_validator(mode="after")
-    def _negatives_present(self, info: ValidationInfo) -> TrainingRow:
-        if _require_negatives(info) and not self.neg:
+    def _negatives_and_scores(self, info: ValidationInfo) -> TrainingRow:
+        rules = _rules(info)
+        for texts, scores, name in (
+            (self.pos, self.pos_scores, "pos"),
+            (self.neg, self.neg_scores, "neg"),
+        ):
+            if scores is not None and len(scores) != len(texts):
+                raise PydanticCustomError(
+                    "scores_mismatch",
+                    "{name}_scores holds {scores} values but {name} has {texts} passages; give "
+                    "one score per passage, in the same order",
+                    {"name": name, "scores": len(scores), "texts": len(texts)},
+                )
+        if rules.require_scores and (
+            self.pos_scores is None or (self.neg and self.neg_scores is None)
+        ):
+            missing = "pos_scores" if self.pos_scores is None else "neg_scores"
             raise PydanticCustomError(
-                "empty_neg", "neg is empty but hard negatives are configured (neg_nums > 0)"
-            )
+                "missing_scores", "{missing} is missing but the loss distils teacher scores",
+                {"missing": missing},
+            )  # fmt: skip
+        if rules.require_negatives and not self.neg:
+            if self.is_graded and rules.allow_graded:
+                if len(self.pos) < 2:
+                    raise PydanticCustomError(
+                        "empty_neg", "a graded row (no neg) needs at least two passages in pos"
+                    )
+            else:
+                raise PydanticCustomError(
+                    "empty_neg", "neg is empty but hard negatives are configured (neg_nums > 0)"
+                )
         return self
 
+    @property
+    def is_graded(self) -> bool:
+        """The distillation form: no negatives, every passage of ``pos`` graded by a teacher."""
+        return not self.neg and self.pos_scores is not None
 
-def _require_negatives(info: ValidationInfo) -> bool:
+
+@dataclass(frozen=True)
+class RowRules:
+    """What a valid row must hold for one use; passed as the schema's validation context."""
+
+    require_negatives: bool = True
+    allow_graded: bool = True
+    require_scores: bool = False
+
+    @classmethod
+    def for_training(cls, loss: str, neg_nums: int) -> RowRules:
+        """The rules of a training run with this ``loss`` and ``neg_nums``.
+
+        Teacher scores are required when the loss distils them; graded rows (no ``neg``) are
+        accepted only then (a contrastive loss would treat every other graded passage,
+        relevant or not, as a negative).
+        """
+        distils = loss != "contrastive"
+        return cls(require_negatives=neg_nums > 0, allow_graded=distils, require_scores=distils)
+
+    def context(self) -> dict[str, bool]:
+        return {
+            "require_negatives": self.require_negatives,
+            "allow_graded": self.allow_graded,
+            "require_scores": self.require_scores,
+        }
+
+
+def _rules(info: ValidationInfo) -> RowRules:
     context = info.context or {}
-    return bool(context.get("require_negatives", True))
+    return RowRules(
+        require_negatives=bool(context.get("require_negatives", True)),
+        allow_graded=bool(context.get("allow_graded", True)),
+        require_scores=bool(context.get("require_scores", False)),
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -117,6 +199,9 @@ ERROR_KINDS: dict[str, str] = {
     "empty_text": "an empty or whitespace-only text",
     "empty_pos": "pos is an empty list",
     "empty_neg": "neg is empty while hard negatives are configured",
+    "invalid_score": "a teacher score that is not a finite number",
+    "scores_mismatch": "pos_scores / neg_scores not one number per passage of pos / neg",
+    "missing_scores": "no teacher scores while the loss distils them",
     "no_rows": "the file has no rows at all",
 }
 
@@ -147,12 +232,36 @@ def _location(loc: tuple[int | str, ...]) -> str:
     return text or "row"
 
 
-def fast_row_is_valid(obj: Any, require_negatives: bool = True) -> bool:
+def as_rules(rules: RowRules | bool) -> RowRules:
+    """``RowRules`` as given, or from a bool meaning ``require_negatives``."""
+    return rules if isinstance(rules, RowRules) else RowRules(require_negatives=bool(rules))
+
+
+_LARGEST_EXACT_INT = 1 << 53
+
+
+def _fast_scores_are_valid(scores: Any, count: int) -> bool:
+    if scores is None:
+        return True
+    if type(scores) is not list or len(scores) != count:
+        return False
+    for score in scores:
+        kind = type(score)
+        if kind is float:
+            if not math.isfinite(score):
+                return False
+        elif kind is not int or not -_LARGEST_EXACT_INT <= score <= _LARGEST_EXACT_INT:
+            return False  # booleans, texts, ... and ints too large for a float: ask the schema
+    return True
+
+
+def fast_row_is_valid(obj: Any, rules: RowRules | bool = True) -> bool:
     """True when ``obj`` is certainly a valid row, looking at exact Python types only.
 
     It mirrors :class:`TrainingRow` for objects that come out of ``json.loads`` of text without
     surrogate escapes. False means "ask the schema", not "invalid".
     """
+    rules = as_rules(rules)
     if type(obj) is not dict:
         return False
     query = obj.get("query")
@@ -164,21 +273,32 @@ def fast_row_is_valid(obj: Any, require_negatives: bool = True) -> bool:
     for text in positives:
         if type(text) is not str or not text or text.isspace():
             return False
-    if "neg" not in obj:
-        return not require_negatives
-    negatives = obj["neg"]
-    if type(negatives) is not list or (require_negatives and not negatives):
+    positive_scores = obj.get("pos_scores")
+    if not _fast_scores_are_valid(positive_scores, len(positives)):
         return False
+    negatives = obj.get("neg", [])
+    if type(negatives) is not list:
+        return False
+    negative_scores = obj.get("neg_scores")
+    if not _fast_scores_are_valid(negative_scores, len(negatives)):
+        return False
+    if rules.require_scores and (
+        positive_scores is None or (negatives and negative_scores is None)
+    ):
+        return False
+    graded = rules.allow_graded and positive_scores is not None and len(positives) >= 2
+    if rules.require_negatives and not negatives and not graded:
+        return False  # only a graded row may have no negatives
     for text in negatives:  # noqa: SIM110 - a plain loop is the fastest form here
         if type(text) is not str or not text or text.isspace():
             return False
     return True
 
 
-def schema_problems(obj: Any, require_negatives: bool = True) -> list[RowProblem]:
+def schema_problems(obj: Any, rules: RowRules | bool = True) -> list[RowProblem]:
     """The schema's verdict on ``obj`` as problems grouped by kind (empty: the row is valid)."""
     try:
-        TrainingRow.model_validate(obj, context={"require_negatives": require_negatives})
+        TrainingRow.model_validate(obj, context=as_rules(rules).context())
     except ValidationError as error:
         return _problems_from(error, obj)
     return []
@@ -203,14 +323,26 @@ def _describe(detail: Any, obj: Any) -> tuple[str, str]:
     loc = tuple(detail["loc"])
     where = _location(loc)
     value = detail.get("input")
+    if loc and loc[0] in SCORE_KEYS and kind != "list_type":
+        if kind == "finite_number":
+            return "invalid_score", f"{where} is {value!r}, not a finite number"
+        return "invalid_score", f"{where} must be a number, not {_type_name(value)}"
+    if kind in ("scores_mismatch", "missing_scores"):
+        return kind, detail["msg"]
     if kind == "model_type":
         return "not_object", f"the line is {_type_name(value)}, not a JSON object"
     if kind == "missing":
+        if loc == ("neg",) and isinstance(obj, dict) and "pos_scores" in obj:
+            return "missing_field", (
+                "neg is missing (a graded row without neg trains only with loss kl or "
+                "contrastive+kl)"
+            )
         return "missing_field", f"{where} is missing"
     if kind == "list_type":
+        items = "numbers" if loc[0] in SCORE_KEYS else "strings"
         if isinstance(value, str):
-            return "wrong_type", (f'{where} is a string, not a list of strings (wrap it: ["..."])')
-        return "wrong_type", f"{where} must be a list of strings, not {_type_name(value)}"
+            return "wrong_type", (f'{where} is a string, not a list of {items} (wrap it: ["..."])')
+        return "wrong_type", f"{where} must be a list of {items}, not {_type_name(value)}"
     if kind == "string_type":
         return "wrong_type", f"{where} must be a string, not {_type_name(value)}"
     if kind == "blank_text":
@@ -220,21 +352,22 @@ def _describe(detail: Any, obj: Any) -> tuple[str, str]:
     if kind == "too_short" and loc == ("pos",):
         return "empty_pos", "pos is an empty list (a row needs at least one positive)"
     if kind == "empty_neg":
-        return "empty_neg", "neg is empty but hard negatives are configured (neg_nums > 0)"
+        return "empty_neg", detail["msg"]
     return "wrong_type", f"{where}: {detail['msg']}"  # pragma: no cover - unforeseen schema error
 
 
 def check_row(
-    obj: Any, require_negatives: bool = True, maybe_surrogates: bool = True
+    obj: Any, rules: RowRules | bool = True, maybe_surrogates: bool = True
 ) -> list[RowProblem]:
     """Problems of a parsed JSON value as a training row (an empty list: valid).
 
+    ``rules``: a :class:`RowRules`, or a bool meaning ``require_negatives``.
     ``maybe_surrogates=False`` promises the value came from text without ``\\ud800``-style
     escapes, which lets the fast path skip the Unicode check.
     """
-    if not maybe_surrogates and fast_row_is_valid(obj, require_negatives):
+    if not maybe_surrogates and fast_row_is_valid(obj, rules):
         return []
-    return schema_problems(obj, require_negatives)
+    return schema_problems(obj, rules)
 
 
 # --------------------------------------------------------------------------------------------
@@ -353,14 +486,18 @@ def read_training_rows(
     path: str | Path,
     *,
     require_negatives: bool = True,
+    rules: RowRules | None = None,
     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
 ) -> Iterator[tuple[int, TrainingRow]]:
     """Stream ``(line_number, row)`` from a jsonl training file.
 
-    Blank lines, a BOM and CRLF line ends are skipped quietly. The first invalid line raises
-    :class:`~colbertkit.errors.InputError` naming the file, the line, the problem and the command
-    that lists every problem. A missing file raises :class:`~colbertkit.errors.UsageError`.
+    ``rules`` (default: ``RowRules(require_negatives=require_negatives)``) says what a row must
+    hold, e.g. :meth:`RowRules.for_training`. Blank lines, a BOM and CRLF line ends are skipped
+    quietly. The first invalid line raises :class:`~colbertkit.errors.InputError` naming the
+    file, the line, the problem and the fix. A missing file raises
+    :class:`~colbertkit.errors.UsageError`.
     """
+    rules = rules or RowRules(require_negatives=require_negatives)
     fix = f"run `colbertkit validate-data {path}` for the full report"
     with open_data_file(path) as file:
         for line_number, raw in iter_raw_lines(file, max_line_bytes):
@@ -370,21 +507,31 @@ def read_training_rows(
             problems = (
                 [parsed.problem]
                 if parsed.problem
-                else check_row(parsed.value, require_negatives, parsed.maybe_surrogates)
+                else check_row(parsed.value, rules, parsed.maybe_surrogates)
             )
             if problems:
-                raise InputError(path, line_number, problems[0].message, fix)
+                problem = problems[0]
+                raise InputError(path, line_number, problem.message, _FIXES.get(problem.kind, fix))
             value = parsed.value
-            if len(value) == 3 and "neg" in value:
+            if value.keys() <= _ROW_FIELDS:
                 # Already proven valid: build the model without validating it a second time.
                 row = TrainingRow.model_construct(
-                    query=value["query"], pos=value["pos"], neg=value["neg"]
+                    query=value["query"],
+                    pos=value["pos"],
+                    neg=value.get("neg", []),
+                    pos_scores=value.get("pos_scores"),
+                    neg_scores=value.get("neg_scores"),
                 )
-            else:  # extra keys (kept in model_extra) or an optional neg left out: rare
-                row = TrainingRow.model_validate(
-                    value, context={"require_negatives": require_negatives}
-                )
+            else:  # extra keys (kept in model_extra): rare
+                row = TrainingRow.model_validate(value, context=rules.context())
             yield line_number, row
+
+
+_ROW_FIELDS = frozenset(TrainingRow.model_fields)
+_FIXES = {
+    "missing_scores": "give every row pos_scores (and neg_scores) from a teacher, or train with "
+    "loss: contrastive",
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -395,6 +542,13 @@ def read_training_rows(
 def repeats_needed(available: int, neg_nums: int) -> int:
     """How many times the reference rule repeats a list of ``available`` negatives."""
     return 1 if available >= neg_nums else math.ceil(neg_nums / available)
+
+
+def sample_negative_indices(available: int, neg_nums: int, generator: random.Random) -> list[int]:
+    """Positions of the ``neg_nums`` negatives drawn from a list of ``available`` (the reference
+    rule, see :func:`sample_negatives`). Indices, so teacher scores follow their passages."""
+    pool = list(range(available)) * repeats_needed(available, neg_nums)
+    return generator.sample(pool, neg_nums)
 
 
 def sample_negatives(
@@ -415,8 +569,7 @@ def sample_negatives(
             f"a row has no hard negatives but neg_nums is {neg_nums}; add negatives to every "
             "row or set neg_nums to 0 (see `colbertkit validate-data FILE`)"
         )
-    pool = list(negatives) * repeats_needed(len(negatives), neg_nums)
-    return generator.sample(pool, neg_nums)
+    return [negatives[i] for i in sample_negative_indices(len(negatives), neg_nums, generator)]
 
 
 def expected_duplicates(available: int, neg_nums: int) -> float:

@@ -265,6 +265,7 @@ def plan_numbers(
         f"{plan['examples']} examples (one per positive): {plan['steps_per_epoch']} steps per "
         f"epoch, {plan['total_steps']} steps in all, {plan['warmup_steps']} warm-up steps",
     ]
+    lines.append(_recipe_line(profile, plan))
     if dist.strategy == "fsdp":
         lines.append("sharding: " + SHARDING_IN_WORDS[dist.fsdp_sharding].format(n=dist.world_size))
     elif dist.strategy == "ddp":
@@ -274,6 +275,26 @@ def plan_numbers(
     if parameters is not None:
         lines.append(memory_estimate(profile, parameters))
     return plan, lines
+
+
+def _recipe_line(profile: Profile, plan: dict[str, Any]) -> str:
+    loss = f"loss {profile.loss}"
+    if profile.loss != "contrastive":
+        loss += f" (teacher temperature {profile.teacher_softmax_temperature:g}"
+        if profile.loss == "contrastive+kl":
+            loss += f", distill_weight {profile.kl_weight:g}"
+        loss += ")"
+    rates = (
+        f"lr {profile.lr:g} (head), {profile.encoder_lr:g} (encoder)"
+        if profile.encoder_lr is not None
+        else f"lr {profile.lr:g}"
+    )
+    warmup = (
+        f"; only the head trains for the first {plan['head_warmup_steps']} steps"
+        if plan["head_warmup_steps"]
+        else ""
+    )
+    return f"{loss}, temperature {profile.temperature:g}; {rates}{warmup}"
 
 
 def memory_estimate(profile: Profile, parameters: int) -> str:
@@ -313,8 +334,6 @@ def count_parameters(model: str, colbert_dim: int | None, trust_remote_code: boo
     hidden = int(config.hidden_size)
     dim = colbert_dim or hidden
     return sum(p.numel() for p in encoder.parameters()) + hidden * dim + dim
-
-
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,9 +1,9 @@
-"""The ColBERT contrastive loss as pure functions over token embeddings.
+"""ColBERT's training losses as pure functions over token embeddings.
 
-Split like sentence-transformers' losses: the *loss from embeddings* (:func:`contrastive_loss`)
-needs no model, so the plain step (encode with gradients, then the loss) and the cached step
-(GradCache: encode without gradients, loss, gradients of the embeddings, re-encode chunk by chunk)
-share it and can be tested for equal losses and gradients.
+Split like sentence-transformers' losses: the *loss from embeddings* (:func:`contrastive_loss`,
+:func:`kl_distillation_loss`) needs no model, so the plain step (encode with gradients, then the
+loss) and the cached step (GradCache: encode without gradients, loss, gradients of the
+embeddings, re-encode chunk by chunk) share it and can be tested for equal losses and gradients.
 
 Batch layout. A batch of Q queries comes with P passages. ``positive_columns[q]`` is the column
 of query q's own positive; ``is_positive[p]`` marks every positive column. For the reference's
@@ -16,20 +16,27 @@ The reference loss (RAG-Retrieval / BGE-M3), for query q::
     loss     = mean_q cross_entropy(logits_q, label = the own positive)
 
 Other queries' positives are left out of the logits unless ``other_positives_as_negatives``.
-Column order does not change a cross-entropy, so the own positive stays at its natural column
-instead of being moved to index 0.
+``query_positives[q, p]`` marks the passages whose *text* is a positive of query q (its other
+positives in the batch, a negative that repeats a positive): they are never q's negatives
+(:func:`query_positive_mask` builds it from text fingerprints). Column order does not change a
+cross-entropy, so the own positive stays at its natural column instead of being moved to index 0.
+
+The distillation loss (ColBERTv2, PyLate) compares, for each query, the teacher's distribution
+over the query's own passages with the student's::
+
+    loss = mean_q KL( softmax(teacher_q / teacher_temperature) || softmax(s(q, own) / temperature) )
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
 
-from colbertkit.scoring import maxsim_matrix
+from colbertkit.scoring import maxsim_matrix, maxsim_pairs
 
 
 class ChunkLike(Protocol):
@@ -59,6 +66,19 @@ def grouped_positive_columns(
     return positive_columns, is_positive
 
 
+def query_positive_mask(
+    passage_fingerprints: torch.Tensor, positive_fingerprints: torch.Tensor
+) -> torch.Tensor:
+    """Which passages are positives of which query, by text.
+
+    passage_fingerprints: (P,) int64, one per passage text; positive_fingerprints: (Q, K) int64,
+    the fingerprints of each query's positive texts, padded with 0 (a value no text has).
+    Returns (Q, P) bool.
+    """
+    matches = passage_fingerprints[None, :, None] == positive_fingerprints[:, None, :]  # (Q, P, K)
+    return matches.any(dim=-1)  # (Q, P)
+
+
 def contrastive_logits(
     queries_embeddings: torch.Tensor,
     queries_mask: torch.Tensor,
@@ -69,25 +89,30 @@ def contrastive_logits(
     *,
     temperature: float,
     other_positives_as_negatives: bool = False,
+    query_positives: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """MaxSim logits of every query against every passage, excluded columns at -inf.
 
     queries_embeddings: (Q, Lq, D); queries_mask: (Q, Lq)
     passages_embeddings: (P, Lp, D); passages_mask: (P, Lp)
     positive_columns: (Q,) long; is_positive: (P,) bool
-    Returns logits: (Q, P) float32; a column that is another query's positive is -inf unless
-    ``other_positives_as_negatives``.
+    query_positives: (Q, P) bool or None: passages that are positives of the query by text.
+    Returns logits: (Q, P) float32. Excluded (-inf) for query q, never its own positive column:
+    another query's positive unless ``other_positives_as_negatives``, and every column of
+    ``query_positives[q]``.
     """
     scores = maxsim_matrix(
         queries_embeddings.float(), queries_mask, passages_embeddings.float(), passages_mask
     )  # (Q, P)
     logits = scores / temperature  # (Q, P)
+    columns = torch.arange(logits.shape[1], device=logits.device)  # (P,)
+    own = columns[None, :] == positive_columns[:, None]  # (Q, P)
+    excluded = torch.zeros_like(own)  # (Q, P)
     if not other_positives_as_negatives:
-        columns = torch.arange(logits.shape[1], device=logits.device)  # (P,)
-        own = columns[None, :] == positive_columns[:, None]  # (Q, P)
-        excluded = is_positive[None, :] & ~own  # (Q, P)
-        logits = logits.masked_fill(excluded, float("-inf"))
-    return logits
+        excluded |= is_positive[None, :]
+    if query_positives is not None:
+        excluded |= query_positives
+    return logits.masked_fill(excluded & ~own, float("-inf"))
 
 
 def contrastive_loss(
@@ -100,6 +125,7 @@ def contrastive_loss(
     *,
     temperature: float,
     other_positives_as_negatives: bool = False,
+    query_positives: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean cross-entropy of each query's own positive against the batch's negatives.
 
@@ -114,8 +140,78 @@ def contrastive_loss(
         is_positive,
         temperature=temperature,
         other_positives_as_negatives=other_positives_as_negatives,
+        query_positives=query_positives,
     )  # (Q, P)
     return F.cross_entropy(logits, positive_columns)
+
+
+def grouped_scores(
+    queries_embeddings: torch.Tensor,
+    queries_mask: torch.Tensor,
+    passages_embeddings: torch.Tensor,
+    passages_mask: torch.Tensor,
+) -> torch.Tensor:
+    """MaxSim of each query against its own group of passages only.
+
+    queries_embeddings: (Q, Lq, D); queries_mask: (Q, Lq)
+    passages_embeddings: (Q * G, Lp, D), query q's G passages at rows q * G ... q * G + G - 1;
+    passages_mask: (Q * G, Lp).
+    Returns scores: (Q, G) float32.
+    """
+    num_queries = queries_embeddings.shape[0]
+    group_size = passages_embeddings.shape[0] // num_queries
+    repeated = queries_embeddings.float().repeat_interleave(group_size, dim=0)  # (Q*G, Lq, D)
+    repeated_mask = queries_mask.repeat_interleave(group_size, dim=0)  # (Q*G, Lq)
+    scores = maxsim_pairs(
+        repeated, repeated_mask, passages_embeddings.float(), passages_mask
+    )  # (Q*G,)
+    return scores.view(num_queries, group_size)  # (Q, G)
+
+
+def kl_divergence_from_scores(
+    student_scores: torch.Tensor,
+    teacher_scores: torch.Tensor,
+    *,
+    temperature: float,
+    teacher_temperature: float,
+) -> torch.Tensor:
+    """Mean over queries of KL(teacher || student) between softmaxes over each query's passages.
+
+    student_scores, teacher_scores: (Q, G). Returns a scalar (0 when the distributions agree).
+    """
+    student_log_probs = F.log_softmax(student_scores.float() / temperature, dim=-1)  # (Q, G)
+    teacher_log_probs = F.log_softmax(teacher_scores.float() / teacher_temperature, dim=-1)
+    # batchmean: the sum over passages, averaged over queries (the true KL per query).
+    return F.kl_div(student_log_probs, teacher_log_probs, reduction="batchmean", log_target=True)
+
+
+def kl_distillation_loss(
+    queries_embeddings: torch.Tensor,
+    queries_mask: torch.Tensor,
+    passages_embeddings: torch.Tensor,
+    passages_mask: torch.Tensor,
+    teacher_scores: torch.Tensor,
+    *,
+    temperature: float,
+    teacher_temperature: float,
+) -> torch.Tensor:
+    """Distil the teacher's ranking of each query's own passages (ColBERTv2 / PyLate).
+
+    queries_embeddings: (Q, Lq, D); queries_mask: (Q, Lq)
+    passages_embeddings: (Q * G, Lp, D) grouped as in :func:`grouped_scores`; passages_mask:
+    (Q * G, Lp); teacher_scores: (Q, G), the teacher's score of each of those passages.
+    Returns a scalar: mean_q KL(softmax(teacher_q / teacher_temperature) ||
+    softmax(s(q, own passages) / temperature)).
+    """
+    student_scores = grouped_scores(
+        queries_embeddings, queries_mask, passages_embeddings, passages_mask
+    )  # (Q, G)
+    return kl_divergence_from_scores(
+        student_scores,
+        teacher_scores.to(student_scores.device),
+        temperature=temperature,
+        teacher_temperature=teacher_temperature,
+    )
 
 
 def pad_token_axis(
@@ -146,26 +242,40 @@ def concat_padded(
     )
 
 
+class GatheredPassages(NamedTuple):
+    """Every process's passages (see :func:`gather_passages`)."""
+
+    embeddings: torch.Tensor  # (W*P, L, D)
+    mask: torch.Tensor  # (W*P, L)
+    positive_columns: torch.Tensor  # (Q,) shifted to this process's block
+    is_positive: torch.Tensor  # (W*P,)
+    fingerprints: torch.Tensor | None  # (W*P,) int64, when given
+
+
 def gather_passages(
     passages_embeddings: torch.Tensor,
     passages_mask: torch.Tensor,
     positive_columns: torch.Tensor,
     is_positive: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    passage_fingerprints: torch.Tensor | None = None,
+) -> GatheredPassages:
     """Passages of every process, differentiable: gradients reach every process's own passages.
 
     Every process must hold the same number of passages P. Token lengths may differ: they are
     padded to the longest across processes first.
 
     passages_embeddings: (P, Lp, D); passages_mask: (P, Lp); positive_columns: (Q,);
-    is_positive: (P,).
-    Returns (embeddings (W*P, L, D), mask (W*P, L), positive_columns (Q,) shifted to this
-    process's block, is_positive (W*P,)).
+    is_positive: (P,); passage_fingerprints: (P,) int64 or None (their texts' fingerprints, to
+    mask a query's positives wherever they come from).
+    Returns :class:`GatheredPassages`: embeddings (W*P, L, D), mask (W*P, L), positive_columns
+    (Q,) shifted to this process's block, is_positive (W*P,), fingerprints (W*P,) or None.
     """
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return passages_embeddings, passages_mask, positive_columns, is_positive
+        return GatheredPassages(
+            passages_embeddings, passages_mask, positive_columns, is_positive, passage_fingerprints
+        )
     world_size, rank = dist.get_world_size(), dist.get_rank()
     sizes = torch.tensor(list(passages_embeddings.shape[:2]), device=passages_embeddings.device)
     all_sizes = [torch.empty_like(sizes) for _ in range(world_size)]
@@ -178,18 +288,21 @@ def gather_passages(
     length = max(int(size[1]) for size in all_sizes)
     embeddings, mask = pad_token_axis(passages_embeddings, passages_mask, length)
     all_embeddings = _GatherWithGradient.apply(embeddings)  # (W*P, L, D)
-    all_masks = [torch.empty_like(mask) for _ in range(world_size)]
-    dist.all_gather(all_masks, mask.contiguous())
-    # gloo has no bool collectives: travel as uint8.
-    flags = is_positive.to(torch.uint8).contiguous()
-    all_flags = [torch.empty_like(flags) for _ in range(world_size)]
-    dist.all_gather(all_flags, flags)
+
+    def gathered(tensor: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(tensor) for _ in range(world_size)]
+        dist.all_gather(parts, tensor.contiguous())
+        return torch.cat(parts)
+
     offset = rank * passages_embeddings.shape[0]
-    return (
+    return GatheredPassages(
         all_embeddings,
-        torch.cat(all_masks),
+        gathered(mask),
         positive_columns + offset,
-        torch.cat(all_flags).bool(),
+        gathered(is_positive.to(torch.uint8)).bool(),  # gloo has no bool collectives
+        None
+        if passage_fingerprints is None
+        else gathered(passage_fingerprints.to(passages_embeddings.device)),
     )
 
 

@@ -97,6 +97,24 @@ class TrainConfig(BaseModel):
     )
 
     # -- loss -----------------------------------------------------------------------------------
+    loss: Literal["contrastive", "kl", "contrastive+kl"] = Field(
+        default="contrastive",
+        description="contrastive: the reference's cross-entropy against the batch's negatives; "
+        "kl: distil the teacher scores of the data (pos_scores / neg_scores); contrastive+kl: "
+        "their sum, the KL weighted by distill_weight.",
+    )
+    distill_weight: float | None = Field(
+        default=None,
+        gt=0,
+        description="Weight of the KL term in loss contrastive+kl (null: 1).",
+    )
+    teacher_temperature: float | None = Field(
+        default=None,
+        gt=0,
+        description="The teacher's scores are divided by this before their softmax, as the "
+        "student's MaxSim is by temperature (null: temperature, for scores on MaxSim's scale "
+        "such as 0..1; cross-encoder logits want about 1).",
+    )
     temperature: float = Field(default=0.02, gt=0)
     other_positives_as_negatives: bool = Field(
         default=False,
@@ -129,6 +147,18 @@ class TrainConfig(BaseModel):
     gradient_checkpointing: bool = False
     train_head_only: bool = Field(
         default=False, description="Freeze the encoder; train the ColBERT head only."
+    )
+    head_warmup_steps: int = Field(
+        default=0,
+        ge=0,
+        description="For the first N optimizer steps only the ColBERT head trains; the encoder "
+        "starts after them (a fresh head's random gradients never reach it).",
+    )
+    encoder_lr: float | None = Field(
+        default=None,
+        gt=0,
+        le=1,
+        description="Learning rate of the encoder (null: lr); lr is then the head's.",
     )
     seed: int = Field(default=42, ge=0)
 
@@ -210,10 +240,36 @@ class TrainConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_combinations(self) -> TrainConfig:
+        if self.neg_nums == 0 and self.loss != "contrastive":
+            raise ValueError(
+                f"loss {self.loss} needs neg_nums >= 1: the teacher ranks each query's positive "
+                "and neg_nums other passages; set neg_nums, e.g. 15"
+            )
         if self.neg_nums == 0 and not self.other_positives_as_negatives:
             raise ValueError(
                 "neg_nums 0 leaves only the positive in each query's logits (a zero loss); "
                 "set neg_nums >= 1 or other_positives_as_negatives: true"
+            )
+        if self.distill_weight is not None and self.loss != "contrastive+kl":
+            raise ValueError(
+                f"distill_weight weighs the KL term of loss contrastive+kl, not of {self.loss}; "
+                "set loss: contrastive+kl or drop distill_weight"
+            )
+        if self.teacher_temperature is not None and self.loss == "contrastive":
+            raise ValueError(
+                "teacher_temperature applies to teacher scores, which loss contrastive ignores; "
+                "set loss: kl or contrastive+kl, or drop teacher_temperature"
+            )
+        if self.train_head_only and (self.head_warmup_steps or self.encoder_lr is not None):
+            setting = "head_warmup_steps" if self.head_warmup_steps else "encoder_lr"
+            raise ValueError(
+                f"{setting} is meaningless with train_head_only (the encoder never trains); "
+                f"drop {setting} or train_head_only"
+            )
+        if self.max_steps is not None and self.head_warmup_steps >= self.max_steps:
+            raise ValueError(
+                f"head_warmup_steps {self.head_warmup_steps} >= max_steps {self.max_steps}: the "
+                "encoder would never train; lower head_warmup_steps or use train_head_only"
             )
         if self.grad_cache and self.encode_chunk_size is None:
             raise ValueError(
@@ -240,6 +296,23 @@ class TrainConfig(BaseModel):
             raise ValueError("resume_from is empty; use 'latest' or a checkpoint directory")
         return self
 
+    @property
+    def kl_weight(self) -> float:
+        """The KL term's weight in the loss (0 for contrastive alone)."""
+        if self.loss == "contrastive":
+            return 0.0
+        return (self.distill_weight or 1.0) if self.loss == "contrastive+kl" else 1.0
+
+    @property
+    def teacher_softmax_temperature(self) -> float:
+        """The teacher's temperature in force (``teacher_temperature`` or ``temperature``)."""
+        return self.teacher_temperature or self.temperature
+
+    @property
+    def distils(self) -> bool:
+        """Whether the loss learns from teacher scores (kl or contrastive+kl)."""
+        return self.loss != "contrastive"
+
     def metric_names(self) -> list[str]:
         """The eval metrics this configuration computes, in log order."""
         return ["mrr@10", "ndcg@10", *(f"recall@{k}" for k in sorted(set(self.recall_at)))]
@@ -265,8 +338,11 @@ def resume_conflicts(saved: Mapping[str, Any], config: TrainConfig) -> list[str]
     """Settings of ``config`` that differ from the ``saved`` settings of the run being resumed
     and would change its result (``"lr: 2e-05 -> 1e-05"``); empty when resuming is sound."""
     current = config.model_dump(mode="json")
-    return [
-        f"{key}: {saved.get(key)!r} -> {current[key]!r}"
-        for key in sorted(current)
-        if key not in RESUMABLE_CHANGES and saved.get(key) != current[key]
-    ]
+    # A setting added after the run was written has its default there.
+    fields = TrainConfig.model_fields
+    changed = []
+    for key in sorted(current):
+        before = saved.get(key, fields[key].get_default(call_default_factory=True))
+        if key not in RESUMABLE_CHANGES and before != current[key]:
+            changed.append(f"{key}: {before!r} -> {current[key]!r}")
+    return changed

@@ -1,4 +1,4 @@
-"""The training engine: ColBERT contrastive fine-tuning on accelerate.
+"""The training engine: ColBERT fine-tuning (contrastive and/or distillation) on accelerate.
 
 ``train(config)`` runs one training, on one process or under ``accelerate launch`` (DDP over
 NCCL or gloo, FSDP on GPUs). The loop reads top to bottom:
@@ -6,7 +6,7 @@ NCCL or gloo, FSDP on GPUs). The loop reads top to bottom:
 1. set-up: accelerator, output directory, data, model, optimizer and schedule, resumption;
 2. for each optimizer step: micro-batches (gradient accumulation), each encoded in
    length-sorted chunks, the loss from embeddings (plain or GradCache), then clip, step, log,
-   evaluate, checkpoint;
+   evaluate, checkpoint (during a head warm-up the encoder's gradients are dropped first);
 3. the final model in colbertkit's layout (and the reference layout on request).
 
 Who does what across processes: every process encodes its own shard of each global batch;
@@ -45,17 +45,20 @@ from colbertkit.checkpoint.run import (
 from colbertkit.collate import (
     Collator,
     TokenizedBatch,
+    count_examples,
     epoch_examples,
     length_sorted_chunks,
 )
-from colbertkit.data import process_batches, steps_per_epoch
+from colbertkit.data import RowRules, process_batches, steps_per_epoch
 from colbertkit.errors import UsageError
 from colbertkit.losses import (
     contrastive_loss,
     gather_passages,
     grad_cache_backward,
     grouped_positive_columns,
+    kl_distillation_loss,
     plain_backward,
+    query_positive_mask,
 )
 from colbertkit.train_config import TrainConfig, load_train_config, resume_conflicts
 
@@ -135,11 +138,15 @@ def train(config: TrainConfig | Mapping[str, Any]) -> TrainResult:
     # -- data ----------------------------------------------------------------------------------
     if config.validate_data:
         _validate_data(config, console)
-    rows = _read_rows(config.dataset, require_negatives=config.neg_nums > 0)
+    rows = _read_rows(config.dataset, RowRules.for_training(config.loss, config.neg_nums))
     eval_rows = (
-        _read_rows(config.eval_dataset, require_negatives=False) if config.eval_dataset else None
+        _read_rows(config.eval_dataset, RowRules(require_negatives=False))
+        if config.eval_dataset
+        else None
     )
-    plan = plan_training(config, world_size, num_examples=sum(len(row.pos) for row in rows))
+    plan = plan_training(
+        config, world_size, num_examples=count_examples(rows, graded_rows=config.distils)
+    )
     total_steps, warmup_steps = plan["total_steps"], plan["warmup_steps"]
 
     # -- model, optimizer, schedule ------------------------------------------------------------
@@ -150,7 +157,10 @@ def train(config: TrainConfig | Mapping[str, Any]) -> TrainResult:
     if config.train_head_only:
         colbert.encoder.requires_grad_(False)
     optimizer = torch.optim.AdamW(
-        _parameter_groups(colbert, config.weight_decay), lr=config.lr, betas=(0.9, 0.999), eps=1e-8
+        _parameter_groups(colbert, config.weight_decay, config.lr, config.encoder_lr),
+        lr=config.lr,
+        betas=(0.9, 0.999),
+        eps=1e-8,
     )
     from transformers import get_cosine_schedule_with_warmup
 
@@ -188,9 +198,7 @@ def train(config: TrainConfig | Mapping[str, Any]) -> TrainResult:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     multiple_of = config.pad_to_multiple_of or (8 if accelerator.device.type == "cuda" else 1)
     evaluator = (
-        _Evaluator(eval_rows, tokenizer, config, accelerator, multiple_of)
-        if eval_rows
-        else None
+        _Evaluator(eval_rows, tokenizer, config, accelerator, multiple_of) if eval_rows else None
     )
     eval_history: list[dict[str, float]] = []
 
@@ -222,7 +230,6 @@ def train(config: TrainConfig | Mapping[str, Any]) -> TrainResult:
     window_start, window_examples = time.perf_counter(), 0
     last_loss: float | None = None
     accumulation = config.gradient_accumulation_steps
-    loss_from_embeddings = _loss_function(config)
 
     while progress.step < total_steps:
         examples = epoch_examples(
@@ -231,6 +238,7 @@ def train(config: TrainConfig | Mapping[str, Any]) -> TrainResult:
             seed=config.seed,
             epoch=progress.epoch,
             sampling=config.negatives_sampling,
+            graded_rows=config.distils,
         )
         batches = process_batches(
             len(examples), config.batch_size, world_size, accelerator.process_index
@@ -245,13 +253,15 @@ def train(config: TrainConfig | Mapping[str, Any]) -> TrainResult:
                 batch = collator([examples[i] for i in batches[batch_index]])
                 sync = micro_index == len(window) - 1
                 step_loss += _micro_batch(
-                    batch, model, accelerator, config, loss_from_embeddings,
+                    batch, model, accelerator, config, _loss_function(config, batch),
                     pad_id=pad_id, multiple_of=multiple_of, sync=sync, scale=1.0 / len(window),
                 ) / len(window)  # fmt: skip
                 window_examples += batch.num_queries * world_size
+            if progress.step < config.head_warmup_steps:
+                _drop_encoder_gradients(model)
             if config.max_grad_norm is not None:
                 accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-            step_lr = scheduler.get_last_lr()[0]  # the rate this step uses
+            step_lr = scheduler.get_last_lr()[0]  # the rate this step uses (the head's)
             optimizer.step()
             if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: no step, no schedule
                 scheduler.step()
@@ -325,10 +335,18 @@ def train(config: TrainConfig | Mapping[str, Any]) -> TrainResult:
 # --------------------------------------------------------------------------------------------
 
 
-def _loss_function(config: TrainConfig):
-    """``loss(queries_embeddings, queries_mask, passages_embeddings, passages_mask)`` of a batch
-    laid out as groups of (positive, negatives...), with the configured options."""
-    group_size = 1 + config.neg_nums
+def _loss_function(config: TrainConfig, batch: TokenizedBatch) -> Any:
+    """``loss(queries_embeddings, queries_mask, passages_embeddings, passages_mask)`` of one
+    batch laid out as groups of (positive, negatives...), with the configured loss and options.
+
+    The contrastive term sees the passages of every process when gathering; the KL term needs
+    only each query's own group, which is always on its own process (teacher scores grade a
+    query's own passages only), so it is computed before gathering and its scores never travel.
+    """
+    group_size = batch.group_size
+    teacher_scores = batch.teacher_scores
+    if config.loss != "contrastive" and teacher_scores is None:
+        raise UsageError(f"loss {config.loss} needs teacher scores, and a batch has none")
 
     def loss_from_embeddings(
         queries_embeddings: torch.Tensor,
@@ -336,14 +354,36 @@ def _loss_function(config: TrainConfig):
         passages_embeddings: torch.Tensor,
         passages_mask: torch.Tensor,
     ) -> torch.Tensor:
+        device = queries_embeddings.device
+        total = queries_embeddings.new_zeros((), dtype=torch.float32)
+        if config.loss != "contrastive":
+            assert teacher_scores is not None
+            distillation = kl_distillation_loss(
+                queries_embeddings, queries_mask, passages_embeddings, passages_mask,
+                teacher_scores, temperature=config.temperature,
+                teacher_temperature=config.teacher_softmax_temperature,
+            )  # fmt: skip
+            total = total + config.kl_weight * distillation
+        if config.loss == "kl":
+            return total
         positive_columns, is_positive = grouped_positive_columns(
-            queries_embeddings.shape[0], group_size, device=queries_embeddings.device
+            queries_embeddings.shape[0], group_size, device=device
         )
+        fingerprints = batch.passage_fingerprints
+        if fingerprints is not None:
+            fingerprints = fingerprints.to(device)
         if config.gather_across_processes:
-            passages_embeddings, passages_mask, positive_columns, is_positive = gather_passages(
-                passages_embeddings, passages_mask, positive_columns, is_positive
+            passages_embeddings, passages_mask, positive_columns, is_positive, fingerprints = (
+                gather_passages(
+                    passages_embeddings, passages_mask, positive_columns, is_positive, fingerprints
+                )
             )
-        return contrastive_loss(
+        query_positives = None
+        if fingerprints is not None and batch.positive_fingerprints is not None:
+            query_positives = query_positive_mask(
+                fingerprints, batch.positive_fingerprints.to(device)
+            )  # (Q, P): passages that are positives of each query, by text
+        return total + contrastive_loss(
             queries_embeddings,
             queries_mask,
             passages_embeddings,
@@ -352,9 +392,27 @@ def _loss_function(config: TrainConfig):
             is_positive,
             temperature=config.temperature,
             other_positives_as_negatives=config.other_positives_as_negatives,
+            query_positives=query_positives,
         )
 
     return loss_from_embeddings
+
+
+def _drop_encoder_gradients(model: nn.Module) -> None:
+    """Head warm-up: the encoder keeps its weights and optimizer state this step.
+
+    Its gradients are still computed (DDP and FSDP expect every parameter's gradient in every
+    step), then dropped: AdamW skips a parameter without a gradient entirely (no update, no
+    weight decay, no moment estimates), so the encoder's optimizer starts when the warm-up ends.
+    """
+    for parameter in _unwrapped_colbert(model).encoder.parameters():
+        parameter.grad = None
+
+
+def _unwrapped_colbert(model: nn.Module) -> nn.Module:
+    while not isinstance(model, ChunkEncoder):
+        model = model.module  # DDP / FSDP wrappers hold the module they wrap
+    return model.colbert
 
 
 def _micro_batch(
@@ -482,6 +540,7 @@ def validate_training_data(config: TrainConfig) -> Any:
     report = validate_dataset(
         config.dataset,
         neg_nums=config.neg_nums,
+        loss=config.loss,
         eval_path=config.eval_dataset,
         batch_size=config.batch_size,
     )
@@ -499,10 +558,10 @@ def _validate_data(config: TrainConfig, console: _Console) -> None:
         )
 
 
-def _read_rows(path: Path, *, require_negatives: bool) -> list[Any]:
+def _read_rows(path: Path, rules: RowRules) -> list[Any]:
     from colbertkit.data import read_training_rows
 
-    rows = [row for _, row in read_training_rows(path, require_negatives=require_negatives)]
+    rows = [row for _, row in read_training_rows(path, rules=rules)]
     if not rows:
         raise UsageError(f"{path}: no rows; a training file needs at least one query")
     return rows
@@ -563,11 +622,16 @@ def _enable_gradient_checkpointing(encoder: nn.Module) -> None:
         ) from error
 
 
-def _parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: no weight decay on biases and normalisation weights.
+def _parameter_groups(
+    model: nn.Module, weight_decay: float, lr: float, encoder_lr: float | None = None
+) -> list[dict[str, Any]]:
+    """AdamW groups: no weight decay on biases and normalisation weights; the encoder at
+    ``encoder_lr`` (when given) and everything else (the ColBERT head) at ``lr``.
 
     Found by module type and real parameter name (``encoder.embeddings.LayerNorm.weight``,
     ``head.bias``), not by guessing from a list of substrings; frozen parameters are left out.
+    Groups are named (``head``, ``head_no_decay``, ``encoder``, ``encoder_no_decay``); empty ones
+    are left out.
     """
     no_decay: set[str] = set()
     for module_name, module in model.named_modules():
@@ -579,14 +643,25 @@ def _parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, A
             full_name = f"{module_name}.{parameter_name}" if module_name else parameter_name
             if is_norm or parameter_name == "bias":
                 no_decay.add(full_name)
-    decay_params, no_decay_params = [], []
+    groups: dict[str, dict[str, Any]] = {}
     for name, parameter in model.named_parameters():
-        if parameter.requires_grad:
-            (no_decay_params if name in no_decay else decay_params).append(parameter)
-    return [
-        {"params": decay_params, "weight_decay": weight_decay},
-        {"params": no_decay_params, "weight_decay": 0.0},
-    ]
+        if not parameter.requires_grad:
+            continue
+        part = "encoder" if encoder_lr is not None and name.startswith("encoder.") else "head"
+        decays = name not in no_decay
+        key = part if decays else f"{part}_no_decay"
+        group = groups.setdefault(
+            key,
+            {
+                "name": key,
+                "params": [],
+                "weight_decay": weight_decay if decays else 0.0,
+                "lr": encoder_lr if part == "encoder" else lr,
+            },
+        )
+        group["params"].append(parameter)
+    order = ["head", "head_no_decay", "encoder", "encoder_no_decay"]
+    return [groups[key] for key in order if key in groups]
 
 
 def plan_training(
@@ -601,9 +676,8 @@ def plan_training(
     """
     config = load_train_config(config)
     if num_examples is None:
-        num_examples = sum(
-            len(row.pos) for row in _read_rows(config.dataset, require_negatives=False)
-        )
+        rows = _read_rows(config.dataset, RowRules(require_negatives=False))
+        num_examples = count_examples(rows, graded_rows=config.distils)
     steps = steps_per_epoch(
         num_examples, config.batch_size, world_size, config.gradient_accumulation_steps
     )
@@ -633,6 +707,8 @@ def plan_training(
         "warmup_steps": warmup_steps,
         "large_batch_by": ("gradient caching" if config.grad_cache else "none")
         + (" + cross-process gathering" if config.gather_across_processes else ""),
+        "loss": config.loss,
+        "head_warmup_steps": min(config.head_warmup_steps, total_steps),
     }
 
 
@@ -642,8 +718,10 @@ def _describe_plan(plan: Mapping[str, Any], resume_dir: Path | None, progress: P
         f"{plan['batch_size_per_process']} queries x {plan['passages_per_query_example']} passages "
         f"per process, effective batch {plan['effective_batch_size']}, each query sees "
         f"{plan['negatives_per_query']} negatives (gradient accumulation adds none), "
-        f"{plan['total_steps']} steps ({plan['warmup_steps']} warm-up)"
+        f"{plan['total_steps']} steps ({plan['warmup_steps']} warm-up), loss {plan['loss']}"
     )
+    if plan["head_warmup_steps"]:
+        text += f"; only the head trains for the first {plan['head_warmup_steps']} steps"
     if resume_dir is not None:
         text += f"; resuming from {resume_dir} at step {progress.step}"
     return text

@@ -26,7 +26,7 @@ existing ones keep their meaning)::
       "ok": bool,                   # no errors in any file
       "error_count": int,           # sum of "count" over all files and error kinds
       "warning_count": int,
-      "settings": {"neg_nums", "require_negatives", "batch_size", "tokenizer",
+      "settings": {"neg_nums", "require_negatives", "loss", "batch_size", "tokenizer",
                    "query_max_len", "passage_max_len", "max_line_bytes", "sample_limit",
                    "max_tracked_rows", "token_rows"},
       "files": [                    # the training file first, then the eval file if any
@@ -38,12 +38,15 @@ existing ones keep their meaning)::
           "errors":   {KIND: ISSUE, ...},      # only kinds that occurred, in a fixed order
           "warnings": {KIND: ISSUE, ...},
           "statistics": {
-            "rows": int, "examples": int,      # examples: one per positive
+            "rows": int, "examples": int,      # one per positive (one per graded row)
             "batch_size": int | null, "steps_per_epoch": int | null,
             "positives_per_row": SUMMARY, "negatives_per_row": SUMMARY,
             "characters": {"query": SUMMARY, "positive": SUMMARY, "negative": SUMMARY},
             "negative_sampling": null | {"neg_nums", "rows_resampled", "examples_resampled",
                                          "expected_repeated_negatives_per_epoch"},
+            "teacher_scores": null | {"rows": int, "graded_rows": int,
+                                      "positive": RANGE, "negative": RANGE,
+                                      "rows_with_a_negative_above_a_positive": int},
             "most_repeated_queries": [{"line": int, "rows": int}, ...],   # up to 5
             "extra_keys": {NAME: rows, ...},
             "tokens": null | {"tokenizer", "rows_tokenized", "query_max_len",
@@ -61,6 +64,7 @@ existing ones keep their meaning)::
                "samples": [{"line": int | null, "message": str}, ...],  # first sample_limit
                "more": int}                                             # count - len(samples)
     SUMMARY = {"count": int, "min", "mean", "median", "p95", "max"}   # null when count is 0
+    RANGE   = {"count": int, "min", "mean", "max"}                    # null when count is 0
 
 ``count`` is the number of lines (rows) with that kind of problem; one message per line names
 every field involved.
@@ -77,7 +81,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -86,6 +90,8 @@ from colbertkit.data import (
     DEFAULT_MAX_LINE_BYTES,
     ERROR_KINDS,
     REQUIRED_KEYS,
+    SCORE_KEYS,
+    RowRules,
     check_row,
     expected_duplicates,
     iter_raw_lines,
@@ -108,7 +114,7 @@ WARNING_KINDS: dict[str, str] = {
     "duplicate_text": "the same text twice in one pos or neg list",
     "duplicate_row": "a row identical to an earlier one (extra keys ignored)",
     "repeated_query": "a query already seen on an earlier row",
-    "extra_keys": "keys other than query, pos and neg (ignored by training)",
+    "extra_keys": "keys other than query, pos, neg and their scores (ignored by training)",
     "bom": "a UTF-8 byte order mark at the start of the line",
     "crlf": "a Windows (CRLF) line end",
     "blank_line": "an empty or whitespace-only line",
@@ -277,6 +283,33 @@ class Distribution:
             "mean": round(self.sum / self.total, 2),
             "median": self.quantile(0.5),
             "p95": self.quantile(0.95),
+            "max": self.max,
+        }
+
+
+class ScoreRange:
+    """Count, min, mean and max of teacher scores (floats), in constant memory."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.total = 0.0
+        self.min = math.inf
+        self.max = -math.inf
+
+    def add_many(self, values: list[float]) -> None:
+        if values:
+            self.count += len(values)
+            self.total += math.fsum(values)
+            self.min = min(self.min, min(values))
+            self.max = max(self.max, max(values))
+
+    def summary(self) -> dict[str, Any]:
+        if not self.count:
+            return {"count": 0, "min": None, "mean": None, "max": None}
+        return {
+            "count": self.count,
+            "min": self.min,
+            "mean": self.total / self.count,
             "max": self.max,
         }
 
@@ -488,7 +521,7 @@ def _ordered(counts: dict[str, int], kinds: dict[str, str]) -> list[tuple[str, i
 @dataclass
 class _Settings:
     neg_nums: int | None
-    require_negatives: bool
+    rules: RowRules
     max_line_bytes: int
     sample_limit: int
     max_tracked_rows: int
@@ -542,6 +575,11 @@ class _FileScan:
         self.positive_chars = Distribution()
         self.negative_chars = Distribution()
         self.examples = 0
+        self.scored_rows = 0
+        self.graded_rows = 0
+        self.rows_with_a_negative_above_a_positive = 0
+        self.positive_scores = ScoreRange()
+        self.negative_scores = ScoreRange()
         self.rows_resampled = 0
         self.examples_resampled = 0
         self.expected_repeats = 0.0
@@ -561,7 +599,7 @@ class _FileScan:
         errors = report.errors
         warnings = report.warnings
         settings = self.settings
-        require_negatives = settings.require_negatives
+        rules = settings.rules
         max_line_bytes = settings.max_line_bytes
         line_number = 0
         with open_data_file(self.path) as file:
@@ -577,7 +615,7 @@ class _FileScan:
                 if parsed.problem is not None:
                     problems = [parsed.problem]
                 else:
-                    problems = check_row(parsed.value, require_negatives, parsed.maybe_surrogates)
+                    problems = check_row(parsed.value, rules, parsed.maybe_surrogates)
                 if problems:
                     report.rows_with_errors += 1
                     for problem in problems:
@@ -597,9 +635,9 @@ class _FileScan:
         settings = self.settings
         query: str = row["query"]
         positives: list[str] = row["pos"]
-        negatives: list[str] = row.get("neg", [])
+        negatives: list[str] = row.get("neg") or []
         if len(row) != 3 or "neg" not in row:
-            extra = [_short(key) for key in row if key not in REQUIRED_KEYS]
+            extra = [_short(key) for key in row if key not in REQUIRED_KEYS + SCORE_KEYS]
             if extra:
                 shown = ", ".join(extra[:5]) + (
                     f" and {len(extra) - 5} more" if len(extra) > 5 else ""
@@ -610,7 +648,8 @@ class _FileScan:
                         self.extra_keys[key] += 1
 
         positive_count, negative_count = len(positives), len(negatives)
-        self.examples += positive_count
+        graded = self._count_teacher_scores(row)
+        self.examples += 1 if graded else positive_count
         self.positives_per_row.add_many([positive_count])
         self.negatives_per_row.add_many([negative_count])
         self.query_chars.add_many([len(query)])
@@ -675,6 +714,25 @@ class _FileScan:
             if len(self._passage_buffer) >= TOKENIZER_BATCH_TEXTS:
                 self._flush_tokens()
 
+    def _count_teacher_scores(self, row: dict[str, Any]) -> bool:
+        """Score statistics of a valid row; returns whether it is a graded row (one example)."""
+        positive_scores = row.get("pos_scores")
+        negative_scores = row.get("neg_scores")
+        if positive_scores is None and negative_scores is None:
+            return False
+        self.scored_rows += 1
+        if positive_scores is not None:
+            self.positive_scores.add_many(positive_scores)
+        if negative_scores:
+            self.negative_scores.add_many(negative_scores)
+            if positive_scores is not None and max(negative_scores) > min(positive_scores):
+                self.rows_with_a_negative_above_a_positive += 1
+        graded = (
+            self.settings.rules.allow_graded and not row.get("neg") and positive_scores is not None
+        )
+        self.graded_rows += graded
+        return graded
+
     def _find_eval_leaks(
         self, line: int, query: str, positives: list[str], negatives: list[str]
     ) -> None:
@@ -721,6 +779,7 @@ class _FileScan:
                 "negative": self.negative_chars.summary(),
             },
             "negative_sampling": None,
+            "teacher_scores": None,
             "most_repeated_queries": [
                 {"line": line, "rows": count}
                 for count, line in self.queries_seen.largest(MOST_REPEATED_SHOWN)
@@ -734,6 +793,16 @@ class _FileScan:
                 "rows_resampled": self.rows_resampled,
                 "examples_resampled": self.examples_resampled,
                 "expected_repeated_negatives_per_epoch": round(self.expected_repeats, 1),
+            }
+        if self.scored_rows:
+            statistics["teacher_scores"] = {
+                "rows": self.scored_rows,
+                "graded_rows": self.graded_rows,
+                "positive": self.positive_scores.summary(),
+                "negative": self.negative_scores.summary(),
+                "rows_with_a_negative_above_a_positive": (
+                    self.rows_with_a_negative_above_a_positive
+                ),
             }
         if self.token_counter is not None:
             queries_truncated = self.query_tokens.count_above(settings.query_max_len)
@@ -771,6 +840,7 @@ class _ValidateOptions(BaseModel):
     """The checked options of :func:`validate_dataset`."""
 
     neg_nums: int | None = Field(default=None, ge=0)
+    loss: Literal["contrastive", "kl", "contrastive+kl"] | None = None
     batch_size: int | None = Field(default=None, ge=1)
     query_max_len: int = Field(ge=2)
     passage_max_len: int = Field(ge=2)
@@ -790,6 +860,7 @@ def validate_dataset(
     passage_max_len: int = defaults.PASSAGE_MAX_LEN,
     batch_size: int | None = None,
     require_negatives: bool | None = None,
+    loss: str | None = None,
     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
     sample_limit: int = DEFAULT_SAMPLE_LIMIT,
     max_tracked_rows: int = DEFAULT_MAX_TRACKED_ROWS,
@@ -810,6 +881,9 @@ def validate_dataset(
         batch_size: examples per optimizer step on one process, for ``steps_per_epoch``.
         require_negatives: whether a row needs a non-empty ``neg``; default: unless
             ``neg_nums == 0``.
+        loss: the training loss the file is for. ``kl`` and ``contrastive+kl`` require teacher
+            scores on every row; ``contrastive`` refuses graded rows (no ``neg``: the
+            distillation form); None accepts both forms and requires no scores.
         max_line_bytes: longer lines are errors (and never held in memory whole).
         sample_limit: sample problems kept per kind (the rest are only counted).
         max_tracked_rows: distinct rows and queries remembered for duplicate detection.
@@ -822,6 +896,7 @@ def validate_dataset(
     validate_options(
         _ValidateOptions,
         neg_nums=neg_nums,
+        loss=loss,
         batch_size=batch_size,
         query_max_len=query_max_len,
         passage_max_len=passage_max_len,
@@ -842,9 +917,14 @@ def validate_dataset(
         loaded, tokenizer_name = load_tokenizer(tokenizer)
         token_counter = TokenCounter(loaded, tokenizer_name)
 
+    rules = (
+        RowRules(require_negatives=require_negatives)
+        if loss is None
+        else RowRules.for_training(loss, 1 if require_negatives else 0)
+    )
     settings = _Settings(
         neg_nums=neg_nums,
-        require_negatives=require_negatives,
+        rules=rules,
         max_line_bytes=max_line_bytes,
         sample_limit=sample_limit,
         max_tracked_rows=max_tracked_rows,
@@ -890,6 +970,7 @@ def validate_dataset(
         settings={
             "neg_nums": neg_nums,
             "require_negatives": require_negatives,
+            "loss": loss,
             "batch_size": batch_size,
             "tokenizer": tokenizer_name,
             "query_max_len": query_max_len,

@@ -166,3 +166,21 @@ def test_help_is_fast_and_lists_the_command():
     assert out.stdout.strip() == "False False"
     result = runner.invoke(app, ["--help"])
     assert "validate-data" in result.stdout
+
+
+def test_teacher_scores_summary_and_loss_option(data_file):
+    graded = json.dumps({"query": "q", "pos": ["a", "b"], "pos_scores": [0.9, 0.05]})
+    path = data_file(row(pos_scores=[0.75], neg_scores=[0.25, 0.5]), graded)
+    result = validate(path)
+    assert result.exit_code == 0, result.output
+    assert (
+        "teacher scores: 2 rows (1 graded, no neg); pos 0.05 .. 0.9 (mean 0.5667); "
+        "neg 0.25 .. 0.5 (mean 0.375)" in result.stdout
+    )
+    result = validate(path, "--loss", "contrastive")
+    assert result.exit_code == 1
+    assert "line 2: neg is missing (a graded row without neg trains only with loss kl" in (
+        result.stdout
+    )
+    result = validate(path, "--loss", "kl", "--format", "json")
+    assert result.exit_code == 0 and json.loads(result.stdout)["settings"]["loss"] == "kl"

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from colbertkit.data import (
     LINE_TOO_LONG,
+    RowRules,
     TrainingRow,
     check_row,
     expected_duplicates,
@@ -89,6 +90,48 @@ def test_string_instead_of_list_message_says_how_to_fix():
     assert problem.message == 'pos is a string, not a list of strings (wrap it: ["..."])'
 
 
+@pytest.mark.parametrize(
+    ("change", "expected", "message"),
+    [
+        ({"pos_scores": [0.5]}, [], None),
+        ({"pos_scores": [1], "neg_scores": [0, -2.5]}, [], None),  # ints are numbers
+        (
+            {"pos_scores": [0.5, 0.1]},
+            ["scores_mismatch"],
+            "pos_scores holds 2 values but pos has 1",
+        ),
+        ({"neg_scores": [0.5]}, ["scores_mismatch"], "neg_scores holds 1 values but neg has 2"),
+        ({"pos_scores": [float("nan")]}, ["invalid_score"], "pos_scores[0] is nan, not a finite"),
+        ({"neg_scores": [1, float("inf")]}, ["invalid_score"], "neg_scores[1] is inf"),
+        ({"pos_scores": ["0.5"]}, ["invalid_score"], "pos_scores[0] must be a number, not a str"),
+        ({"pos_scores": [True]}, ["invalid_score"], "must be a number, not a boolean"),
+        ({"pos_scores": 0.5}, ["wrong_type"], "pos_scores must be a list of numbers, not a number"),
+    ],
+)
+def test_teacher_scores_schema(change, expected, message):
+    problems = schema_problems({**VALID, **change})
+    assert sorted(problem.kind for problem in problems) == expected
+    if message:
+        assert message in problems[0].message
+
+
+def test_graded_rows_and_required_scores():
+    graded = {"query": "q", "pos": ["a", "b", "c"], "pos_scores": [0.9, 0.2, 0.1]}
+    row = TrainingRow.model_validate(graded)
+    assert row.is_graded and row.neg == []
+    assert kinds(graded) == []  # validate-data's default: both forms
+    assert kinds(graded, RowRules.for_training("kl", 15)) == []
+    contrastive = schema_problems(graded, RowRules.for_training("contrastive", 15))
+    assert [p.kind for p in contrastive] == ["missing_field"]
+    assert "trains only with loss kl or contrastive+kl" in contrastive[0].message
+    single = {"query": "q", "pos": ["a"], "pos_scores": [0.9]}
+    assert kinds(single) == ["empty_neg"]  # nothing to rank the top passage against
+    kl = RowRules.for_training("contrastive+kl", 15)
+    assert kinds(VALID, kl) == ["missing_scores"]
+    assert kinds({**VALID, "pos_scores": [1.0]}, kl) == ["missing_scores"]
+    assert kinds({**VALID, "pos_scores": [1.0], "neg_scores": [0.0, 0.1]}, kl) == []
+
+
 def test_negatives_optional_only_when_not_required():
     without_neg = {"query": "q", "pos": ["p"]}
     assert kinds(without_neg) == ["missing_field"]
@@ -109,6 +152,19 @@ JSON_VALUES = st.recursive(
     lambda children: st.lists(children, max_size=3) | st.dictionaries(TEXTS, children, max_size=3),
     max_leaves=6,
 )
+SCORE_VALUES = st.one_of(
+    st.none(),
+    st.lists(
+        st.one_of(
+            st.floats(allow_nan=True, allow_infinity=True),
+            st.integers(min_value=-(2**60), max_value=2**60),
+            st.booleans(),
+            TEXTS,
+        ),
+        max_size=4,
+    ),
+    JSON_LEAVES,
+)
 FIELD_VALUES = st.one_of(
     TEXTS,
     st.lists(TEXTS, max_size=4),
@@ -122,21 +178,47 @@ ROW_LIKE = st.one_of(
             "query": FIELD_VALUES,
             "pos": FIELD_VALUES,
             "neg": FIELD_VALUES,
+            "pos_scores": SCORE_VALUES,
+            "neg_scores": SCORE_VALUES,
             "extra": JSON_VALUES,
         },
     ),
     JSON_VALUES,
 )
+RULES = st.builds(RowRules, st.booleans(), st.booleans(), st.booleans())
 
 
-@settings(max_examples=400, deadline=None)
-@given(obj=ROW_LIKE, require_negatives=st.booleans())
-def test_fast_path_agrees_with_schema(obj, require_negatives):
+@settings(max_examples=600, deadline=None)
+@given(obj=ROW_LIKE, rules=st.one_of(st.booleans(), RULES))
+def test_fast_path_agrees_with_schema(obj, rules):
     # Surrogate-free values, as json.loads gives for lines without \ud800-style escapes.
     obj = json.loads(json.dumps(obj))
-    schema_valid = schema_problems(obj, require_negatives) == []
-    assert fast_row_is_valid(obj, require_negatives) == schema_valid
-    assert (check_row(obj, require_negatives, maybe_surrogates=False) == []) == schema_valid
+    schema_valid = schema_problems(obj, rules) == []
+    assert fast_row_is_valid(obj, rules) == schema_valid
+    assert (check_row(obj, rules, maybe_surrogates=False) == []) == schema_valid
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    texts=st.lists(st.sampled_from(["a", "b", "c"]), min_size=1, max_size=4),
+    negatives=st.one_of(st.none(), st.lists(st.sampled_from(["x", "y"]), max_size=3)),
+    positive_scores=SCORE_VALUES,
+    negative_scores=SCORE_VALUES,
+    rules=RULES,
+)
+def test_fast_path_agrees_with_schema_on_scored_rows(
+    texts, negatives, positive_scores, negative_scores, rules
+):
+    """Rows that are valid apart from their scores: the cases random rows rarely reach."""
+    obj: dict = {"query": "q", "pos": texts}
+    for key, value in (("neg", negatives), ("pos_scores", positive_scores)):
+        if value is not None:
+            obj[key] = value
+    if negative_scores is not None:
+        obj["neg_scores"] = negative_scores
+    obj = json.loads(json.dumps(obj))  # NaN and Infinity survive as Python floats
+    schema_valid = schema_problems(obj, rules) == []
+    assert fast_row_is_valid(obj, rules) == schema_valid
 
 
 # ---- line splitting --------------------------------------------------------------------------

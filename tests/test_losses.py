@@ -1,4 +1,4 @@
-"""The contrastive loss: hand-computed values, an independent computation, GradCache == plain."""
+"""The losses: hand-computed values, independent computations, GradCache == plain, masking."""
 
 from __future__ import annotations
 
@@ -16,9 +16,14 @@ from colbertkit.losses import (
     gather_passages,
     grad_cache_backward,
     grouped_positive_columns,
+    grouped_scores,
+    kl_distillation_loss,
+    kl_divergence_from_scores,
     plain_backward,
+    query_positive_mask,
     reassemble,
 )
+from colbertkit.scoring import maxsim_matrix
 
 
 def _unit(*values: float) -> list[float]:
@@ -286,3 +291,164 @@ def test_grad_cache_replays_dropout(tiny_parts):
     )
     assert float(first) == float(again)
     assert torch.equal(torch.get_rng_state(), state_after)
+
+
+# --------------------------------------------------------------------------------------------
+# Positives of the same query are never its negatives (by text)
+# --------------------------------------------------------------------------------------------
+
+
+def test_query_positive_mask_matches_texts():
+    from colbertkit.collate import text_fingerprint
+
+    passages = ["paris", "london", "rome", "paris", "berlin"]
+    positives = [["paris", "rome"], ["berlin"]]
+    passage_fingerprints = torch.tensor([text_fingerprint(t) for t in passages])
+    table = torch.zeros(2, 2, dtype=torch.long)
+    for row, texts in enumerate(positives):
+        table[row, : len(texts)] = torch.tensor([text_fingerprint(t) for t in texts])
+    mask = query_positive_mask(passage_fingerprints, table)
+    assert mask.tolist() == [
+        [True, False, True, True, False],
+        [False, False, False, False, True],
+    ]
+
+
+@pytest.mark.parametrize("others", [False, True])
+def test_second_positive_of_the_same_query_is_not_a_negative(others):
+    """Two examples of one query (positives at columns 0 and 4) and one of another (column 8):
+    neither positive of the first query may be a negative of the other example of it, whatever
+    ``other_positives_as_negatives`` says; the other query's positive is one only when asked."""
+    _, _, (queries, queries_mask), (passages, passages_mask) = _random_batch(6)
+    positive_columns, is_positive = grouped_positive_columns(3, 4)
+    query_positives = torch.zeros(3, 12, dtype=torch.bool)
+    query_positives[0, [0, 4]] = query_positives[1, [0, 4]] = True
+    query_positives[2, 8] = True
+    logits = contrastive_logits(
+        queries, queries_mask, passages, passages_mask, positive_columns, is_positive,
+        temperature=0.05, other_positives_as_negatives=others, query_positives=query_positives,
+    )  # fmt: skip
+    assert torch.isinf(logits[0, 4]) and torch.isinf(logits[1, 0])
+    assert torch.isfinite(logits[0, 0]) and torch.isfinite(logits[1, 4])
+    assert torch.isfinite(logits[2, 0]) == others and torch.isfinite(logits[0, 8]) == others
+    # Against the independent computation: the masked columns are simply absent.
+    loss = contrastive_loss(
+        queries, queries_mask, passages, passages_mask, positive_columns, is_positive,
+        temperature=0.05, other_positives_as_negatives=others, query_positives=query_positives,
+    )  # fmt: skip
+    scores = maxsim_matrix(queries, queries_mask, passages, passages_mask).double() / 0.05
+    expected = 0.0
+    for q, own in enumerate(positive_columns.tolist()):
+        columns = [own] + [
+            p for p in range(12)
+            if p != own and not query_positives[q, p] and (others or not is_positive[p])
+        ]  # fmt: skip
+        expected -= float(torch.log_softmax(scores[q, columns], dim=0)[0])
+    assert loss.item() == pytest.approx(expected / 3, rel=1e-5)
+
+
+def test_a_hard_negative_repeating_a_positive_is_masked():
+    _, _, (queries, queries_mask), (passages, passages_mask) = _random_batch(7)
+    positive_columns, is_positive = grouped_positive_columns(3, 4)
+    query_positives = torch.zeros(3, 12, dtype=torch.bool)
+    query_positives[0, [0, 2]] = True  # passage 2, a "negative" of query 0, is its positive text
+    logits = contrastive_logits(
+        queries, queries_mask, passages, passages_mask, positive_columns, is_positive,
+        temperature=0.05, query_positives=query_positives,
+    )  # fmt: skip
+    assert torch.isinf(logits[0, 2]) and torch.isfinite(logits[1, 2])
+
+
+# --------------------------------------------------------------------------------------------
+# Distillation (KL to the teacher's distribution over each query's own passages)
+# --------------------------------------------------------------------------------------------
+
+
+def _kl_by_hand(queries, query_lens, passages, passage_lens, teacher, group, temperature, t_temp):
+    """KL(teacher || student) per query, written out with Python loops, averaged."""
+    total = 0.0
+    for q in range(len(query_lens)):
+        student = [
+            _maxsim_by_hand(queries[q], query_lens[q], passages[p], passage_lens[p]) / temperature
+            for p in range(q * group, (q + 1) * group)
+        ]
+        targets = [float(t) / t_temp for t in teacher[q]]
+        student_norm = math.log(sum(math.exp(s) for s in student))
+        teacher_norm = math.log(sum(math.exp(t) for t in targets))
+        for s, t in zip(student, targets, strict=True):
+            p_teacher = math.exp(t - teacher_norm)
+            total += p_teacher * ((t - teacher_norm) - (s - student_norm))
+    return total / len(query_lens)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize(("temperature", "teacher_temperature"), [(0.05, 0.05), (0.02, 1.0)])
+def test_kl_loss_equals_independent_computation(seed, temperature, teacher_temperature):
+    query_lens, passage_lens, (queries, queries_mask), (passages, passages_mask) = _random_batch(
+        seed, group_size=4
+    )
+    teacher = torch.rand(3, 4, generator=torch.Generator().manual_seed(seed))
+    loss = kl_distillation_loss(
+        queries, queries_mask, passages, passages_mask, teacher,
+        temperature=temperature, teacher_temperature=teacher_temperature,
+    )  # fmt: skip
+    expected = _kl_by_hand(
+        queries, query_lens, passages, passage_lens, teacher.tolist(), 4, temperature,
+        teacher_temperature,
+    )  # fmt: skip
+    assert loss.item() == pytest.approx(expected, rel=1e-4, abs=1e-7)
+
+
+def test_kl_loss_is_zero_when_the_student_agrees_and_scores_are_grouped():
+    _, _, (queries, queries_mask), (passages, passages_mask) = _random_batch(3)
+    student = grouped_scores(queries, queries_mask, passages, passages_mask)  # (3, 4)
+    full = maxsim_matrix(queries, queries_mask, passages, passages_mask)  # (3, 12)
+    for q in range(3):
+        assert torch.allclose(student[q], full[q, q * 4 : (q + 1) * 4], atol=1e-6)
+    # A teacher with the student's own scores (same temperature): nothing to learn.
+    loss = kl_distillation_loss(
+        queries, queries_mask, passages, passages_mask, student * 2,
+        temperature=0.05, teacher_temperature=0.1,
+    )  # fmt: skip
+    assert loss.item() == pytest.approx(0.0, abs=1e-6)
+    # A shift of the teacher's scores changes nothing (a softmax is shift-invariant).
+    teacher = torch.rand(3, 4)
+    a = kl_divergence_from_scores(student, teacher, temperature=0.05, teacher_temperature=0.1)
+    b = kl_divergence_from_scores(student, teacher + 3, temperature=0.05, teacher_temperature=0.1)
+    assert a.item() == pytest.approx(b.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 5])
+def test_grad_cache_equals_plain_with_the_kl_loss(tiny_parts, chunk_size):
+    model, queries, passages = _model_and_batch(tiny_parts)
+    model.eval()  # dropout off: chunked and one-batch encodings are the same function
+    positive_columns, is_positive = grouped_positive_columns(3, 4)
+    teacher = torch.tensor([[0.9, 0.1, 0.3, 0.0], [0.8, 0.7, 0.0, 0.2], [1.0, 0.0, 0.5, 0.1]])
+
+    def loss_fn(q, qm, p, pm):
+        distillation = kl_distillation_loss(
+            q, qm, p, pm, teacher, temperature=0.05, teacher_temperature=0.1
+        )
+        return distillation + contrastive_loss(
+            q, qm, p, pm, positive_columns, is_positive, temperature=0.05
+        )
+
+    def encode(chunks):
+        return [model(chunk.input_ids, chunk.attention_mask) for chunk in chunks]
+
+    def chunks(size):
+        return (
+            length_sorted_chunks(queries, chunk_size=size, pad_id=0),
+            length_sorted_chunks(passages, chunk_size=size, pad_id=0),
+        )
+
+    plain_loss, plain_grads = _gradients_of(
+        model, lambda: plain_backward(encode, *chunks(None), loss_fn, lambda t: t.backward())
+    )
+    cached_loss, cached_grads = _gradients_of(
+        model,
+        lambda: grad_cache_backward(encode, *chunks(chunk_size), loss_fn, lambda t: t.backward()),
+    )
+    assert plain_loss > 0
+    assert cached_loss == pytest.approx(plain_loss, rel=1e-5)
+    _assert_gradients_close(cached_grads, plain_grads, 1e-4)

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from colbertkit.checkpoint.run import list_checkpoints
-from colbertkit.errors import UsageError
+from colbertkit.errors import ColbertkitError, UsageError
 from colbertkit.train_config import TrainConfig, load_train_config
 from colbertkit.training import train
 from tests.conftest import WORDS
@@ -137,6 +137,26 @@ def test_unknown_setting_names_the_nearest_one(tmp_path):
             r"gradient_checkpointing saves nothing with train_head_only",
         ),
         ({"neg_nums": 0}, r"neg_nums 0 leaves only the positive"),
+        ({"loss": "kl", "neg_nums": 0}, r"loss kl needs neg_nums >= 1"),
+        ({"loss": "ce"}, r"loss: Input should be 'contrastive', 'kl' or 'contrastive\+kl'"),
+        ({"distill_weight": 0.5}, r"distill_weight weighs the KL term of loss contrastive\+kl"),
+        (
+            {"loss": "kl", "distill_weight": 0.5},
+            r"distill_weight weighs the KL term of loss contrastive\+kl, not of kl",
+        ),
+        ({"teacher_temperature": 1.0}, r"teacher_temperature applies to teacher scores"),
+        ({"teacher_temperature": 0, "loss": "kl"}, r"teacher_temperature: Input should be greater"),
+        (
+            {"train_head_only": True, "head_warmup_steps": 5},
+            r"head_warmup_steps is meaningless with train_head_only",
+        ),
+        (
+            {"train_head_only": True, "encoder_lr": 1e-5},
+            r"encoder_lr is meaningless with train_head_only",
+        ),
+        ({"head_warmup_steps": 10, "max_steps": 10}, r"the encoder would never train"),
+        ({"head_warmup_steps": -1}, r"head_warmup_steps: Input should be greater than or equal"),
+        ({"encoder_lr": 0}, r"encoder_lr: Input should be greater than 0"),
     ],
 )
 def test_invalid_settings_say_what_to_change(overrides, message):
@@ -197,6 +217,78 @@ def test_examples_one_per_positive_and_negatives_per_epoch():
     assert len({epoch["a"] for epoch in once}) == 1
 
 
+def test_teacher_scores_follow_their_sampled_negatives():
+    from colbertkit.collate import epoch_examples
+    from colbertkit.data import TrainingRow
+
+    negatives = [f"n{i}" for i in range(6)]
+    rows = [
+        TrainingRow(
+            query="q1",
+            pos=["a", "b"],
+            neg=negatives,
+            pos_scores=[0.9, 0.8],
+            neg_scores=[i / 10 for i in range(6)],
+        ),
+        TrainingRow(query="q2", pos=["c"], neg=["m"], pos_scores=[5], neg_scores=[-1]),
+    ]
+    for epoch in range(3):
+        for ex in epoch_examples(rows, neg_nums=4, seed=3, epoch=epoch):
+            assert ex.teacher_scores is not None and len(ex.teacher_scores) == 5
+            if ex.query == "q1":
+                assert ex.teacher_scores[0] == {"a": 0.9, "b": 0.8}[ex.positive]
+                assert list(ex.teacher_scores[1:]) == [int(n[1:]) / 10 for n in ex.negatives]
+            else:
+                assert ex.teacher_scores == (5.0, -1.0, -1.0, -1.0, -1.0)
+    # The draws are those of the texts-only rows: adding scores changes no negative.
+    plain = [TrainingRow(query=r.query, pos=r.pos, neg=r.neg) for r in rows]
+    assert [ex.negatives for ex in epoch_examples(plain, neg_nums=4, seed=3, epoch=1)] == [
+        ex.negatives for ex in epoch_examples(rows, neg_nums=4, seed=3, epoch=1)
+    ]
+
+
+def test_a_graded_row_is_one_example_led_by_its_top_passage():
+    from colbertkit.collate import count_examples, epoch_examples
+    from colbertkit.data import TrainingRow
+
+    row = TrainingRow.model_validate(
+        {"query": "q", "pos": ["p0", "p1", "p2", "p3"], "pos_scores": [0.2, 0.9, 0.1, 0.5]}
+    )
+    assert row.is_graded and count_examples([row]) == 1
+    (example,) = epoch_examples([row], neg_nums=3, seed=0, epoch=0)
+    assert example.positive == "p1"
+    assert sorted(example.negatives) == ["p0", "p2", "p3"]
+    scores = dict(zip(["p0", "p1", "p2", "p3"], [0.2, 0.9, 0.1, 0.5], strict=True))
+    assert example.teacher_scores == tuple(scores[t] for t in example.passages)
+    assert example.query_positives == frozenset({"p1"})
+    # A loss without teacher scores reads it like any row: one example per positive.
+    assert count_examples([row], graded_rows=False) == 4
+
+
+def test_batch_marks_every_positive_of_a_query_by_text(tiny_parts):
+    """Two examples of one query in a batch: each one's positive is the other's excluded
+    column, and so is a negative of another query that repeats it."""
+    from colbertkit.collate import Collator, TrainingExample
+    from colbertkit.losses import query_positive_mask
+
+    _, tokenizer, _ = tiny_parts
+    positives = frozenset({"the cat", "a cat"})
+    examples = [
+        TrainingExample("cat?", "the cat", ("the dog",), (1.0, 0.0), positives),
+        TrainingExample("cat?", "a cat", ("a fish",), (1.0, 0.0), positives),
+        TrainingExample("dog?", "the dog", ("a cat",), (1.0, 0.0), frozenset({"the dog"})),
+    ]
+    batch = Collator(tokenizer, 16, 16)(examples)
+    assert batch.teacher_scores.tolist() == [[1.0, 0.0]] * 3
+    mask = query_positive_mask(batch.passage_fingerprints, batch.positive_fingerprints)
+    # columns: the cat, the dog, a cat, a fish, the dog, a cat
+    assert mask.tolist() == [
+        [True, False, True, False, False, True],
+        [True, False, True, False, False, True],
+        [False, True, False, False, True, False],
+    ]
+
+
 @pytest.mark.parametrize(
     ("examples", "batch", "world"), [(10, 2, 2), (11, 2, 2), (9, 4, 1), (7, 2, 3)]
 )
@@ -218,7 +310,7 @@ def test_parameter_groups_exclude_biases_and_norms(tiny_parts):
 
     encoder, _, head = tiny_parts
     model = ColBERT(encoder, head)
-    decay, no_decay = _parameter_groups(model, 0.01)
+    decay, no_decay = _parameter_groups(model, 0.01, lr=1e-3)
     names = {id(p): n for n, p in model.named_parameters()}
     no_decay_names = {names[id(p)] for p in no_decay["params"]}
     decay_names = {names[id(p)] for p in decay["params"]}
@@ -227,6 +319,26 @@ def test_parameter_groups_exclude_biases_and_norms(tiny_parts):
     assert all(n.endswith("bias") or "LayerNorm" in n for n in no_decay_names)
     assert not any(n.endswith("bias") or "LayerNorm" in n for n in decay_names)
     assert no_decay["weight_decay"] == 0.0
+    assert decay["lr"] == no_decay["lr"] == 1e-3
+
+
+def test_encoder_gets_its_own_learning_rate(tiny_parts):
+    from colbertkit.model import ColBERT
+    from colbertkit.training import _parameter_groups
+
+    encoder, _, head = tiny_parts
+    model = ColBERT(encoder, head)
+    groups = {group["name"]: group for group in _parameter_groups(model, 0.01, 1e-3, 1e-5)}
+    assert set(groups) == {"head", "head_no_decay", "encoder", "encoder_no_decay"}
+    names = {id(p): n for n, p in model.named_parameters()}
+    members = {key: {names[id(p)] for p in group["params"]} for key, group in groups.items()}
+    assert members["head"] == {"head.weight"} and members["head_no_decay"] == {"head.bias"}
+    assert all(name.startswith("encoder.") for name in members["encoder"])
+    assert (groups["head"]["lr"], groups["encoder"]["lr"]) == (1e-3, 1e-5)
+    assert groups["encoder_no_decay"]["lr"] == 1e-5
+    assert groups["encoder_no_decay"]["weight_decay"] == 0.0
+    every = set().union(*members.values())
+    assert every == {n for n, p in model.named_parameters() if p.requires_grad}
 
 
 # --------------------------------------------------------------------------------------------
@@ -383,6 +495,100 @@ def test_head_only_training_freezes_the_encoder(tmp_path, colbertkit_dir, datase
             assert not torch.equal(before[name], after[name]), name
         else:
             assert torch.equal(before[name], after[name]), name
+
+
+def test_head_warmup_freezes_the_encoder_then_trains_it(tmp_path, colbertkit_dir, dataset):
+    """With head_warmup_steps 3 the encoder is bit-identical to the start after 3 steps (no
+    update, no weight decay, no optimizer state) while the head moves; step 4 trains both."""
+    from colbertkit.checkpoint.run import STATE_DICT_PREFIX
+
+    config = base_config(
+        tmp_path, colbertkit_dir, dataset, head_warmup_steps=3, max_steps=4, save_steps=1,
+        num_max_checkpoints=None, encoder_lr=1e-3,
+    )  # fmt: skip
+    result = train(config)
+    start = final_weights(colbertkit_dir)
+
+    def at_step(step: int) -> dict[str, torch.Tensor]:
+        path = result.output_dir / "checkpoints" / f"step-{step:08d}" / "model.safetensors"
+        return {k.removeprefix(STATE_DICT_PREFIX): v for k, v in load_file(str(path)).items()}
+
+    previous = start
+    for step in (1, 2, 3, 4):
+        weights = at_step(step)
+        for name, value in start.items():
+            moved = not torch.equal(value, weights[name])
+            if name.startswith("head."):
+                assert not torch.equal(previous[name], weights[name]), (step, name)
+            elif step <= 3:
+                assert not moved, (step, name)
+        previous = weights
+    encoder_moved = [n for n in start if not n.startswith("head.") and not torch.equal(
+        start[n], previous[n])]  # fmt: skip
+    assert "encoder.embeddings.word_embeddings.weight" in encoder_moved
+    optimizer = torch.load(
+        result.output_dir / "checkpoints" / "step-00000003" / "optimizer.bin", weights_only=True
+    )
+    # Only the head's two tensors have optimizer state before the encoder starts.
+    assert len(optimizer["state"]) == 2
+
+
+def test_head_warmup_resumes_exactly(tmp_path, colbertkit_dir, dataset):
+    settings = dict(head_warmup_steps=2, max_steps=5, save_steps=1, num_max_checkpoints=None)
+    full = train(base_config(tmp_path / "full", colbertkit_dir, dataset, **settings))
+    resumed_dir = tmp_path / "resumed"
+    checkpoint = "step-00000001"  # inside the warm-up
+    shutil.copytree(
+        full.output_dir / "checkpoints" / checkpoint, resumed_dir / "checkpoints" / checkpoint
+    )
+    resumed = train(
+        base_config(
+            tmp_path, colbertkit_dir, dataset, output_dir=str(resumed_dir), resume_from="latest",
+            **settings,
+        )
+    )  # fmt: skip
+    assert_same_weights(final_weights(resumed.model_dir), final_weights(full.model_dir))
+
+
+def test_distillation_runs_trains_and_resumes(tmp_path, colbertkit_dir):
+    """loss contrastive+kl on rows with teacher scores and graded rows (no neg)."""
+    rows = toy_rows(16, seed=5)
+    for index, row in enumerate(rows):
+        row["pos_scores"] = [1.0]
+        row["neg_scores"] = [0.1 * i for i in range(len(row["neg"]))]
+        if index % 2:  # the distillation form: every passage graded, no neg
+            row["pos"] = row["pos"] + row.pop("neg")
+            row["pos_scores"] = row["pos_scores"] + row.pop("neg_scores")
+    dataset = write_rows(tmp_path / "distill.jsonl", rows)
+    settings = dict(
+        loss="contrastive+kl", distill_weight=0.5, teacher_temperature=0.5, epochs=2,
+        save_steps=3, num_max_checkpoints=None,
+    )  # fmt: skip
+    full = train(base_config(tmp_path / "full", colbertkit_dir, dataset, **settings))
+    assert full.global_step == 8 and full.last_loss is not None and full.last_loss > 0
+    resumed_dir = tmp_path / "resumed"
+    shutil.copytree(
+        full.output_dir / "checkpoints" / "step-00000003",
+        resumed_dir / "checkpoints" / "step-00000003",
+    )
+    resumed = train(
+        base_config(
+            tmp_path, colbertkit_dir, dataset, output_dir=str(resumed_dir), resume_from="latest",
+            **settings,
+        )
+    )  # fmt: skip
+    assert_same_weights(final_weights(resumed.model_dir), final_weights(full.model_dir))
+
+
+def test_kl_needs_teacher_scores_on_every_row(tmp_path, colbertkit_dir, dataset):
+    from colbertkit.errors import InputError
+
+    config = base_config(tmp_path, colbertkit_dir, dataset, loss="kl", validate_data=False)
+    with pytest.raises(InputError, match=r"train.jsonl:1: pos_scores is missing .* give every row"):
+        train(config)
+    # With validation on, the validate-data report names the problem first.
+    with pytest.raises(ColbertkitError, match=r"24 missing_scores"):
+        train(base_config(tmp_path, colbertkit_dir, dataset, loss="kl"))
 
 
 def test_fresh_head_from_a_bare_encoder(tmp_path, encoder_dir, dataset):

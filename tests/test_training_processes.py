@@ -99,16 +99,34 @@ def _launch_two_processes(tmp_path: Path, config: dict) -> subprocess.CompletedP
     return subprocess.run(command, env=_environment(), capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("grad_cache", [False, True])
+def distillation_rows(count: int, seed: int) -> list[dict]:
+    """Toy rows with teacher scores; some queries have a second positive (two examples of one
+    query in a global batch: the in-batch mask must hold across processes too)."""
+    rows = toy_rows(count, seed=seed)
+    for index, row in enumerate(rows):
+        if index % 3 == 0:
+            row["pos"].append(rows[(index + 1) % count]["neg"][0])
+        row["pos_scores"] = [1.0 - 0.1 * i for i in range(len(row["pos"]))]
+        row["neg_scores"] = [0.05 * i for i in range(len(row["neg"]))]
+    return rows
+
+
+@pytest.mark.parametrize("variant", ["plain", "grad_cache", "distillation"])
 def test_two_processes_with_gathering_equal_one_process_on_the_global_batch(
-    tmp_path, no_dropout_dir, grad_cache
+    tmp_path, no_dropout_dir, variant
 ):
     """2 processes x 2 queries with gathered passages == 1 process x 4 queries: same loss at
     every step and the same final weights (so gradients really are shared, and exact)."""
-    dataset = write_rows(tmp_path / "train.jsonl", toy_rows(16, seed=3))
+    rows = distillation_rows(12, seed=3) if variant == "distillation" else toy_rows(16, seed=3)
+    dataset = write_rows(tmp_path / "train.jsonl", rows)
     common = dict(max_steps=3, lr=5e-3, neg_nums=3, warmup_proportion=0.0, save_each_epoch=False)
-    if grad_cache:
+    if variant == "grad_cache":
         common.update(grad_cache=True, encode_chunk_size=3)
+    if variant == "distillation":
+        common.update(
+            loss="contrastive+kl", teacher_temperature=0.1, other_positives_as_negatives=True,
+            grad_cache=True, encode_chunk_size=3,
+        )  # fmt: skip
     single = base_config(tmp_path / "single", no_dropout_dir, dataset, batch_size=4, **common)
     double = base_config(
         tmp_path / "double", no_dropout_dir, dataset, batch_size=2, gather_across_processes=True,

@@ -395,6 +395,7 @@ def test_report_json_shape(tmp_path):
         "negatives_per_row",
         "characters",
         "negative_sampling",
+        "teacher_scores",
         "most_repeated_queries",
         "extra_keys",
         "tokens",
@@ -560,3 +561,48 @@ def test_reader_rejects_exactly_the_lines_the_validator_calls_errors(
         assert error.line == min(flagged)
     else:
         assert not flagged and len(accepted) == report.files[0].rows
+
+
+# ---- teacher scores ---------------------------------------------------------------------------
+
+
+def test_teacher_scores_checked_with_line_numbers_and_ranges_reported(tmp_path):
+    path = write(
+        tmp_path,
+        [
+            row(pos_scores=[0.9], neg_scores=[0.1, 0.95]),  # 1: a negative above the positive
+            row(pos_scores=[0.9, 0.8]),  # 2: two scores for one positive
+            row(pos_scores=[0.7], neg_scores=[0.2, "high"]),  # 3: not a number
+            '{"query": "q", "pos": ["a"], "neg": ["b"], "pos_scores": [NaN], "neg_scores": [0]}',
+            {"query": "q2", "pos": ["a", "b", "c"], "pos_scores": [3, -1, 0.5]},  # 5: graded
+            row(pos_scores=[0.6], neg_scores=[0.0, 0.3]),  # 6
+        ],
+    )
+    report = validate_dataset(path, neg_nums=2)
+    assert issues(report) == {
+        "invalid_score": (2, [3, 4]),
+        "scores_mismatch": (1, [2]),
+    }
+    statistics = report.file("train").statistics
+    assert statistics["examples"] == 3  # rows 1 and 6, and the graded row 5 once
+    teacher = statistics["teacher_scores"]
+    assert (teacher["rows"], teacher["graded_rows"]) == (3, 1)
+    assert teacher["positive"] == {
+        "count": 5, "min": -1, "max": 3, "mean": pytest.approx((0.9 + 3 - 1 + 0.5 + 0.6) / 5)
+    }  # fmt: skip
+    assert (teacher["negative"]["min"], teacher["negative"]["max"]) == (0.0, 0.95)
+    assert teacher["rows_with_a_negative_above_a_positive"] == 1
+    assert "pos_scores" not in statistics["extra_keys"]
+
+
+def test_loss_decides_what_rows_need(tmp_path):
+    graded = {"query": "q", "pos": ["a", "b"], "pos_scores": [0.9, 0.1]}
+    path = write(tmp_path, [row(), graded])
+    assert issues(validate_dataset(path, neg_nums=3)) == {}
+    assert issues(validate_dataset(path, neg_nums=3, loss="contrastive")) == {
+        "missing_field": (1, [2])
+    }
+    assert issues(validate_dataset(path, neg_nums=3, loss="kl")) == {"missing_scores": (1, [1])}
+    assert validate_dataset(path, loss="kl").settings["loss"] == "kl"
+    with pytest.raises(UsageError, match="loss"):
+        validate_dataset(path, loss="ce")

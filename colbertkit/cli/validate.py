@@ -22,6 +22,12 @@ from colbertkit.errors import ColbertkitError
 PROGRESS_MIN_BYTES = 64 * 1024 * 1024
 
 
+class LossName(str, enum.Enum):
+    contrastive = "contrastive"
+    kl = "kl"
+    contrastive_kl = "contrastive+kl"
+
+
 class ReportFormat(str, enum.Enum):
     text = "text"
     json = "json"
@@ -41,6 +47,12 @@ def validate_command(
         "--neg-nums",
         min=0,
         help="Hard negatives per example in training: warn about rows with fewer. 0: none.",
+    ),
+    loss: LossName | None = typer.Option(
+        None,
+        "--loss",
+        help="The training loss: kl and contrastive+kl need teacher scores (pos_scores, "
+        "neg_scores) on every row; contrastive refuses graded rows (no neg). Default: either.",
     ),
     model: str | None = typer.Option(
         None,
@@ -92,6 +104,7 @@ def validate_command(
         report = validate_dataset(
             file,
             neg_nums=neg_nums,
+            loss=loss.value if loss is not None else None,
             eval_path=eval_file,
             tokenizer=model,
             query_max_len=query_max_len,
@@ -134,7 +147,7 @@ def _summary_text(summary: dict[str, Any]) -> str:
 
 def _statistics_lines(statistics: dict[str, Any]) -> list[tuple[str, str]]:
     lines = [("rows", f"{statistics['rows']:,}")]
-    examples = f"{statistics['examples']:,} (one per positive)"
+    examples = f"{statistics['examples']:,} (one per positive; one per graded row)"
     lines.append(("examples", examples))
     if statistics["steps_per_epoch"] is not None:
         lines.append(
@@ -160,6 +173,9 @@ def _statistics_lines(statistics: dict[str, Any]) -> list[tuple[str, str]]:
                 "epoch",
             )
         )
+    teacher = statistics.get("teacher_scores")
+    if teacher:
+        lines.append(("teacher scores", _teacher_text(teacher)))
     repeated = statistics["most_repeated_queries"]
     if repeated:
         shown = ", ".join(f"line {item['line']} on {item['rows']} rows" for item in repeated)
@@ -184,6 +200,25 @@ def _statistics_lines(statistics: dict[str, Any]) -> list[tuple[str, str]]:
             )
         )
     return lines
+
+
+def _range_text(summary: dict[str, Any]) -> str:
+    if not summary["count"]:
+        return "none"
+    return f"{summary['min']:.4g} .. {summary['max']:.4g} (mean {summary['mean']:.4g})"
+
+
+def _teacher_text(teacher: dict[str, Any]) -> str:
+    text = (
+        f"{teacher['rows']:,} rows ({teacher['graded_rows']:,} graded, no neg); "
+        f"pos {_range_text(teacher['positive'])}; neg {_range_text(teacher['negative'])}"
+    )
+    if teacher["rows_with_a_negative_above_a_positive"]:
+        text += (
+            f"; {teacher['rows_with_a_negative_above_a_positive']:,} rows where a negative "
+            "outscores a positive"
+        )
+    return text
 
 
 def _percent(truncated: dict[str, Any]) -> str:
