@@ -315,8 +315,6 @@ def count_parameters(model: str, colbert_dim: int | None, trust_remote_code: boo
     return sum(p.numel() for p in encoder.parameters()) + hidden * dim + dim
 
 
-
-
 # --------------------------------------------------------------------------------------------
 # The verb: plan, then launch
 # --------------------------------------------------------------------------------------------

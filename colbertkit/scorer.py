@@ -247,7 +247,7 @@ def score_pairs(
 ) -> list[float]:
     """Load ``checkpoint`` and return the MaxSim score of each (query, passage) pair.
 
-    Lengths default to the checkpoint's metadata, else 128 / 512.
+    Lengths default to the checkpoint's metadata, else :mod:`colbertkit.defaults`'.
     """
     from colbertkit.checkpoint import load_checkpoint
 

@@ -6,7 +6,8 @@ import typer
 
 from colbertkit import __version__
 from colbertkit.cli import export, score, train, validate
-from colbertkit.cli._common import DEBUG_ENV, set_debug
+from colbertkit.cli._common import set_debug
+from colbertkit.errors import DEBUG_ENV
 
 app = typer.Typer(
     name="colbertkit",

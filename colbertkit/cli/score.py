@@ -12,8 +12,10 @@ from typing import IO
 
 import typer
 
-from colbertkit.cli._common import DType, handle_errors, progress_bar, stderr_console
+from colbertkit import defaults
+from colbertkit.cli._common import DType, handle_errors, stderr_console
 from colbertkit.errors import UsageError
+from colbertkit.progress import progress_bar
 
 
 class OutputFormat(str, enum.Enum):
@@ -51,10 +53,16 @@ def score_command(
         32, "--batch-size", "-b", min=1, help="Texts per encoder batch."
     ),
     query_max_len: int | None = typer.Option(
-        None, "--query-max-len", min=2, help="Default: the checkpoint's metadata, else 128."
+        None,
+        "--query-max-len",
+        min=2,
+        help=f"Default: the checkpoint's metadata, else {defaults.QUERY_MAX_LEN}.",
     ),
     passage_max_len: int | None = typer.Option(
-        None, "--passage-max-len", min=2, help="Default: the checkpoint's metadata, else 512."
+        None,
+        "--passage-max-len",
+        min=2,
+        help=f"Default: the checkpoint's metadata, else {defaults.PASSAGE_MAX_LEN}.",
     ),
     device: str = typer.Option(
         "auto", "--device", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps."
@@ -69,7 +77,8 @@ def score_command(
         None,
         "--colbert-dim",
         min=1,
-        help="Check the head's size; with --fresh-head, size it (default 128).",
+        help="Check the head's size; with --fresh-head, size it "
+        f"(default {defaults.FRESH_COLBERT_DIM}).",
     ),
     fresh_head: bool = typer.Option(
         False, "--fresh-head", help="Attach a new, seeded head (for an encoder without one)."
