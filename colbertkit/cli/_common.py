@@ -43,6 +43,23 @@ def report_format_option(what: str = "the report") -> Any:
     )
 
 
+def _debug_callback(value: bool) -> bool:
+    if value:
+        set_debug(True)
+    return value
+
+
+def debug_option() -> Any:
+    """``--debug`` after the command name too (``colbertkit --debug score`` works as well)."""
+    return typer.Option(
+        False,
+        "--debug",
+        callback=_debug_callback,
+        is_eager=True,
+        help=f"Show full tracebacks (or set {errors.DEBUG_ENV}=1).",
+    )
+
+
 def quiet_option() -> Any:
     return typer.Option(False, "--quiet", "-q", help="Only errors on stderr.")
 
