@@ -23,6 +23,8 @@ _LAZY = {
     "train": "colbertkit.training",
     "TrainConfig": "colbertkit.train_config",
     "export_model": "colbertkit.export",
+    "launch": "colbertkit.launcher",
+    "open_checkpoint": "colbertkit.checkpoint",
 }
 
 __all__ = ["__version__", *_LAZY]

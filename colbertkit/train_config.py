@@ -82,7 +82,10 @@ class TrainConfig(BaseModel):
         "without a head (a plain encoder) always gets a fresh one.",
     )
     colbert_dim: int | None = Field(
-        default=None, gt=0, description="Size of a fresh head (default 128); a check otherwise."
+        default=None,
+        gt=0,
+        description=f"Size of a fresh head (default {defaults.FRESH_COLBERT_DIM}); a check "
+        "otherwise.",
     )
     trust_remote_code: bool = False
 

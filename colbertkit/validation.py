@@ -99,7 +99,13 @@ from colbertkit.data import (
     parse_line,
     steps_per_epoch,
 )
-from colbertkit.errors import CheckpointError, ColbertkitError, UsageError, validate_options
+from colbertkit.errors import (
+    CheckpointError,
+    ColbertkitError,
+    UsageError,
+    first_line,
+    validate_options,
+)
 
 FORMAT_VERSION = 1
 DEFAULT_SAMPLE_LIMIT = 5
@@ -404,7 +410,7 @@ def load_tokenizer(spec: Any) -> tuple[Any, str]:
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     except Exception as error:  # transformers raises many types; all mean "no usable tokenizer"
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        first = first_line(error)
         raise UsageError(f"{spec}: cannot load a tokenizer ({first})") from None
     finally:
         transformers_logging.set_verbosity(verbosity)

@@ -9,6 +9,7 @@ import typer
 
 from colbertkit.cli._common import DType, handle_errors, stderr_console
 from colbertkit.errors import UsageError
+from colbertkit.progress import ProgressBar
 
 
 class Layout(str, enum.Enum):
@@ -80,7 +81,11 @@ def export_command(
         if not quiet:
             console.print(f"[dim]{escape(line)}[/]", highlight=False, markup=True)
 
-    with _Progress(console, enabled=not quiet) as progress:
+    with ProgressBar("writing", None, enabled=not quiet, bytes_unit=True) as bar:
+
+        def progress(done: int, total: int) -> None:
+            bar.update(completed=done, total=total)
+
         report = export_model(
             checkpoint,
             out,
@@ -121,32 +126,3 @@ def _size(nbytes: int) -> str:
             return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
         nbytes /= 1000
     return f"{nbytes:.1f} GB"  # pragma: no cover
-
-
-class _Progress:
-    """A transient bar of bytes written (terminals only); yields ``progress(done, total)``."""
-
-    def __init__(self, console, enabled: bool) -> None:
-        self.enabled = enabled and console.is_terminal
-        self.console = console
-
-    def __enter__(self):
-        if not self.enabled:
-            return None
-        from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
-
-        self.bar = Progress(
-            "[progress.description]{task.description}",
-            BarColumn(),
-            DownloadColumn(),
-            TimeRemainingColumn(),
-            console=self.console,
-            transient=True,
-        )
-        self.bar.start()
-        task = self.bar.add_task("writing", total=None)
-        return lambda done, total: self.bar.update(task, completed=done, total=total)
-
-    def __exit__(self, *exc) -> None:
-        if self.enabled:
-            self.bar.stop()

@@ -15,8 +15,10 @@ from typing import Any
 
 import typer
 
-from colbertkit.cli._common import handle_errors, progress_bar
+from colbertkit import defaults
+from colbertkit.cli._common import handle_errors
 from colbertkit.errors import ColbertkitError
+from colbertkit.progress import progress_bar
 
 # Files smaller than this validate in about a second: no progress bar.
 PROGRESS_MIN_BYTES = 64 * 1024 * 1024
@@ -61,10 +63,16 @@ def validate_command(
         help="Tokenizer (local directory, packaged model or hub id): adds token lengths.",
     ),
     query_max_len: int = typer.Option(
-        128, "--query-max-len", min=2, help="With --model: query tokens kept (CLS, SEP included)."
+        defaults.QUERY_MAX_LEN,
+        "--query-max-len",
+        min=2,
+        help="With --model: query tokens kept (CLS, SEP included).",
     ),
     passage_max_len: int = typer.Option(
-        512, "--passage-max-len", min=2, help="With --model: passage tokens kept."
+        defaults.PASSAGE_MAX_LEN,
+        "--passage-max-len",
+        min=2,
+        help="With --model: passage tokens kept.",
     ),
     batch_size: int | None = typer.Option(
         None, "--batch-size", "-b", min=1, help="Examples per step, for steps per epoch."
