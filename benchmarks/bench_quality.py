@@ -64,6 +64,12 @@ PREVIOUS_DEFAULTS: dict[str, Any] = {
     "temperature": 0.02,
     "other_positives_as_negatives": False,
 }
+FILE_NAMES = {
+    "eval": "eval.jsonl",
+    "mined": "train_mined.jsonl",
+    "random": "train_random.jsonl",
+    "distill": "train_distill.jsonl",
+}
 SWEEP: dict[str, dict[str, Any]] = {
     "the previous defaults": PREVIOUS_DEFAULTS,
     "no head warm-up": {"head_warmup_steps": 0},
@@ -126,13 +132,13 @@ def build_data(args: argparse.Namespace, work: Path) -> dict[str, Path]:
     corpus_file = args.data / "corpus.jsonl"
     started = time.perf_counter()
     # Held-out: the relevant passage among BM25's top k others (ranks 1..k, positives dropped).
-    files["eval"] = work / "eval.jsonl"
+    files["eval"] = work / FILE_NAMES["eval"]
     mine_negatives(
         files["eval_queries"], corpus_file, files["eval"], neg_nums=args.rerank_top,
         rank_range=(0, args.rerank_top), force=True,
     )  # fmt: skip
     # (c): BM25 hard negatives, mine's default ranks 11-100.
-    files["mined"] = work / "train_mined.jsonl"
+    files["mined"] = work / FILE_NAMES["mined"]
     mine_negatives(
         files["train_queries"], corpus_file, files["mined"], neg_nums=args.neg_nums,
         seed=args.seed, force=True,
@@ -145,7 +151,7 @@ def build_data(args: argparse.Namespace, work: Path) -> dict[str, Path]:
     for row, qid in zip(query_rows(train_ids), train_ids, strict=True):
         others = [p for p in generator.sample(pids, args.neg_nums + 5) if p not in qrels[qid]]
         random_rows.append({**row, "neg": [corpus[p] for p in others[: args.neg_nums]]})
-    files["random"] = write_jsonl(work / "train_random.jsonl", random_rows)
+    files["random"] = write_jsonl(work / FILE_NAMES["random"], random_rows)
     # (d): (c)'s rows with the teacher's scores.
     started = time.perf_counter()
     mined = read_jsonl(files["mined"])
@@ -159,7 +165,7 @@ def build_data(args: argparse.Namespace, work: Path) -> dict[str, Path]:
         position += len(row["pos"])
         row["neg_scores"] = teacher[position : position + len(row["neg"])]
         position += len(row["neg"])
-    files["distill"] = write_jsonl(work / "train_distill.jsonl", mined)
+    files["distill"] = write_jsonl(work / FILE_NAMES["distill"], mined)
     log(f"teacher scored {position} pairs in {time.perf_counter() - started:.0f} s")
     return files
 
@@ -258,6 +264,27 @@ def interval(diff: Any) -> str:
     )
 
 
+def save_results(path: Path, results: Mapping[str, Any], seconds: Mapping[str, float]) -> None:
+    """Every system's per-query metrics so far: an interrupted run keeps what it measured."""
+    from dataclasses import asdict
+
+    data = {name: {"seconds": seconds.get(name), **asdict(r)} for name, r in results.items()}
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data))
+    tmp.replace(path)
+
+
+def load_results(path: Path) -> tuple[dict[str, Any], dict[str, float]]:
+    from colbertkit.evaluation import QueryResult, SystemResult
+
+    results, seconds = {}, {}
+    for name, data in json.loads(path.read_text()).items():
+        seconds[name] = data.pop("seconds")
+        data["queries"] = [QueryResult(**query) for query in data["queries"]]
+        results[name] = SystemResult(**data)
+    return results, seconds
+
+
 # --------------------------------------------------------------------------------------------
 # Main
 # --------------------------------------------------------------------------------------------
@@ -279,22 +306,33 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="the split and the negatives")
     parser.add_argument("--sweep", action="store_true", help="also the recipe options")
     parser.add_argument("--only-sweep", action="store_true", help="(a) and the sweep only")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the data and the systems already measured in --workdir (results.json)",
+    )
     args = parser.parse_args()
     if not (args.data / "corpus.jsonl").is_file():
         raise SystemExit(f"{args.data}: no corpus.jsonl; pass --data DIR (a BEIR folder)")
     work = args.workdir.resolve()
     work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    files = build_data(args, work)
+    saved = work / "results.json"
+    names = ("eval", "mined", "random", "distill")
+    if args.resume and all((work / f"{FILE_NAMES[name]}").is_file() for name in names):
+        files = {name: work / FILE_NAMES[name] for name in names}
+    else:
+        files = build_data(args, work)
+    results, seconds = load_results(saved) if args.resume and saved.is_file() else ({}, {})
 
-    results: dict[str, Any] = {}
-    seconds: dict[str, float] = {}
     untrained = "(a) untrained (fresh head)"
-    clock = time.perf_counter()
-    results[untrained] = evaluate_system(
-        args, files["eval"], MODEL, fresh_head=True, colbert_dim=128, seed=SEED
-    )
-    seconds[untrained] = time.perf_counter() - clock
+    if untrained not in results:
+        clock = time.perf_counter()
+        results[untrained] = evaluate_system(
+            args, files["eval"], MODEL, fresh_head=True, colbert_dim=128, seed=SEED
+        )
+        seconds[untrained] = time.perf_counter() - clock
+        save_results(saved, results, seconds)
     log(f"{untrained}: NDCG@10 {results[untrained].means['ndcg@10']:.4f}")
     systems = {  # the most telling first: the log shows each result as it comes
         "(c) contrastive, BM25-mined negatives": (files["mined"], {}),
@@ -310,11 +348,14 @@ def main() -> None:
         for name, change in SWEEP.items():
             systems[f"sweep: (c) with {name}"] = (files["mined"], change)
     for index, (name, (dataset, change)) in enumerate(systems.items()):
+        if name in results:
+            continue
         config = train_config(args, dataset, work / f"run-{index}", **change)
         model_dir, train_seconds = run_training(config)
         clock = time.perf_counter()
         results[name] = evaluate_system(args, files["eval"], str(model_dir))
         seconds[name] = train_seconds + time.perf_counter() - clock
+        save_results(saved, results, seconds)
         log(
             f"{name}: NDCG@10 {results[name].means['ndcg@10']:.4f}, vs (a) "
             f"{interval(difference(results[name], results[untrained]))} ({seconds[name]:.0f} s)"
