@@ -22,6 +22,11 @@ the held-out ones are never trained on.
   bi-encoder (mean-pooled, normalised embeddings, cosine): a strong dense retriever on Natural
   Questions, which its pretraining data includes. (b), (c), (d) train with the recipe of the
   bundled ``minilm`` profile (the settings in ``RECIPE``), one epoch.
+* ``--task t2rank`` (``--data`` holding ``t2rank_100.jsonl`` and its distillation file; Chinese,
+  where the English MiniLM is weak): (b) trains on the rows' given negatives, (c) on BM25
+  negatives mined from the training rows' passages, (d) on (b)'s rows with the real teacher's
+  scores of the distillation file; each eval query reranks its own ``pos + neg``
+  (:func:`build_t2rank`).
 * ``--sweep`` trains (c) again with one recipe option changed at a time, including the settings
   that were the defaults before the recipe was measured (``lr`` 2e-5 everywhere, no head
   warm-up), and reports each against the recipe and against (a).
@@ -170,6 +175,52 @@ def build_data(args: argparse.Namespace, work: Path) -> dict[str, Path]:
     return files
 
 
+def build_t2rank(args: argparse.Namespace, work: Path) -> dict[str, Path]:
+    """T2Ranking (Chinese): given negatives, mined ones, and a real teacher's scores.
+
+    ``t2rank_100.jsonl`` (query, pos, 15 given negatives) and ``t2rank_100.distill.standard.jsonl``
+    (the same queries, every passage graded 0..1 by a large teacher) in ``args.data``. The queries
+    are split (seeded); each eval query reranks its own pos + neg. (c) mines BM25 negatives from a
+    corpus of the training rows' passages (ranks 1..30, positives dropped); (d) is (b)'s rows with
+    the teacher's scores of the same passages.
+    """
+    from colbertkit.mining import mine_negatives
+
+    rows = read_jsonl(args.data / "t2rank_100.jsonl")
+    graded = read_jsonl(args.data / "t2rank_100.distill.standard.jsonl")
+    order = list(range(len(rows)))
+    random.Random(args.seed).shuffle(order)
+    eval_rows = [rows[i] for i in order[: args.eval_queries]]
+    train_ids = order[args.eval_queries : args.eval_queries + args.train_queries]
+    train_rows = [rows[i] for i in train_ids]
+    files = {
+        "eval": write_jsonl(work / FILE_NAMES["eval"], eval_rows),
+        "random": write_jsonl(work / FILE_NAMES["random"], train_rows),  # the given negatives
+        "train_queries": write_jsonl(
+            work / "train_queries.jsonl",
+            [{"query": r["query"], "pos": r["pos"]} for r in train_rows],
+        ),
+    }
+    corpus = sorted({text for row in train_rows for text in (*row["pos"], *row["neg"])})
+    files["mined"] = work / FILE_NAMES["mined"]
+    mine_negatives(
+        files["train_queries"], corpus, files["mined"], neg_nums=15, rank_range=(0, 30),
+        seed=args.seed, force=True,
+    )  # fmt: skip
+    distill = []
+    for index in train_ids:
+        row, teacher = rows[index], graded[index]
+        if teacher["query"] != row["query"]:
+            raise SystemExit("the distillation file's queries are not in t2rank_100.jsonl's order")
+        score = dict(zip(teacher["pos"], teacher["pos_scores"], strict=True))
+        distill.append(
+            {**row, "pos_scores": [score[t] for t in row["pos"]],
+             "neg_scores": [score[t] for t in row["neg"]]}
+        )  # fmt: skip
+    files["distill"] = write_jsonl(work / FILE_NAMES["distill"], distill)
+    return files
+
+
 def dense_scores(pairs: list[tuple[str, str]], max_len: int, batch_size: int = 32) -> list[float]:
     """The teacher: MiniLM as the bi-encoder it was trained to be (mean pooling, cosine)."""
     import torch
@@ -293,6 +344,12 @@ def load_results(path: Path) -> tuple[dict[str, Any], dict[str, float]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="BEIR folder")
+    parser.add_argument(
+        "--task",
+        choices=["clapnq", "t2rank"],
+        default="clapnq",
+        help="clapnq: --data is a BEIR folder; t2rank: --data holds t2rank_100*.jsonl",
+    )
     parser.add_argument("--workdir", type=Path, default=Path("runs/bench_quality"))
     parser.add_argument("--train-queries", type=int, default=200)
     parser.add_argument("--eval-queries", type=int, default=100)
@@ -312,8 +369,11 @@ def main() -> None:
         help="keep the data and the systems already measured in --workdir (results.json)",
     )
     args = parser.parse_args()
-    if not (args.data / "corpus.jsonl").is_file():
-        raise SystemExit(f"{args.data}: no corpus.jsonl; pass --data DIR (a BEIR folder)")
+    if args.task == "t2rank" and args.data == DEFAULT_DATA:
+        args.data = DEFAULT_DATA.parent
+    needed = "corpus.jsonl" if args.task == "clapnq" else "t2rank_100.distill.standard.jsonl"
+    if not (args.data / needed).is_file():
+        raise SystemExit(f"{args.data}: no {needed}; pass --data DIR")
     work = args.workdir.resolve()
     work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -321,6 +381,8 @@ def main() -> None:
     names = ("eval", "mined", "random", "distill")
     if args.resume and all((work / f"{FILE_NAMES[name]}").is_file() for name in names):
         files = {name: work / FILE_NAMES[name] for name in names}
+    elif args.task == "t2rank":
+        files = build_t2rank(args, work)
     else:
         files = build_data(args, work)
     results, seconds = load_results(saved) if args.resume and saved.is_file() else ({}, {})
@@ -335,9 +397,9 @@ def main() -> None:
         save_results(saved, results, seconds)
     log(f"{untrained}: NDCG@10 {results[untrained].means['ndcg@10']:.4f}")
     systems = {  # the most telling first: the log shows each result as it comes
-        "(c) contrastive, BM25-mined negatives": (files["mined"], {}),
-        "(b) contrastive, given (random) negatives": (files["random"], {}),
-        "(d) (c) + distillation (contrastive+kl)": (
+        "(c) contrastive, mined negatives": (files["mined"], {}),
+        "(b) contrastive, given negatives": (files["random"], {}),
+        "(d) contrastive+kl, teacher scores": (
             files["distill"],
             {"loss": "contrastive+kl", "teacher_temperature": 0.05},
         ),
@@ -362,11 +424,16 @@ def main() -> None:
         )
 
     base = results[untrained]
-    reference = "(b) contrastive, given (random) negatives"
-    recipe = "(c) contrastive, BM25-mined negatives"
+    reference = "(b) contrastive, given negatives"
+    recipe = "(c) contrastive, mined negatives"
+    task = (
+        f"its relevant passage among BM25's top {args.rerank_top}"
+        if args.task == "clapnq"
+        else "its own pos + neg (T2Ranking)"
+    )
     print(
-        f"\nheld-out: {len(base.counted())} queries, each reranking its relevant passage among "
-        f"BM25's top {args.rerank_top}; {args.train_queries} training queries x "
+        f"\nheld-out: {len(base.counted())} queries, each reranking {task}; "
+        f"{args.train_queries} training queries x "
         f"{args.neg_nums} negatives, 1 epoch, q{args.query_max_len}/d{args.passage_max_len}, "
         f"batch {args.batch_size}; recipe {RECIPE}"
     )
