@@ -76,6 +76,7 @@ PARAMETER_FLAGS = {
     "eval_path": "--eval",
     "force": "--force",
     "format": "--format",
+    "layout": "--layout",
     "fresh_head": "--fresh-head",
     "max_line_bytes": "--max-line-bytes",
     "max_tracked_rows": "--max-tracked-rows",
