@@ -23,6 +23,8 @@ _LAZY = {
     "train": "colbertkit.training",
     "TrainConfig": "colbertkit.train_config",
     "export_model": "colbertkit.export",
+    "mine_negatives": "colbertkit.mining",
+    "MiningReport": "colbertkit.mining",
 }
 
 __all__ = ["__version__", *_LAZY]
