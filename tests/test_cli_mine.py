@@ -83,14 +83,22 @@ def test_the_readme_commands_run_as_written(workdir, colbertkit_dir, cross_encod
 
 
 def test_summary_on_stderr_and_output_passes_validate_data(workdir):
-    result = run("mine", "queries.jsonl", "corpus.jsonl", "out.jsonl", "--neg-nums", "4", cwd=workdir)
+    result = run(
+        "mine", "queries.jsonl", "corpus.jsonl", "out.jsonl", "--neg-nums", "4", cwd=workdir
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout == ""
     assert "language: en (detected from the first 150 passages)" in result.stderr
-    assert "wrote 15 rows to out.jsonl (60 negatives; per row min 4, mean 4.0, max 4)" in result.stderr
+    assert (
+        "wrote 15 rows to out.jsonl (60 negatives; per row min 4, mean 4.0, max 4)" in result.stderr
+    )
     assert "15 of 15 positives found in it" in result.stderr
     assert re.search(r"indexed in [\d.]+ s \([\d,]+ passages/s\), mined in", result.stderr)
-    assert sorted(p.name for p in workdir.iterdir()) == ["corpus.jsonl", "out.jsonl", "queries.jsonl"]
+    assert sorted(p.name for p in workdir.iterdir()) == [
+        "corpus.jsonl",
+        "out.jsonl",
+        "queries.jsonl",
+    ]
 
     checked = run("validate-data", "out.jsonl", "--neg-nums", "4", cwd=workdir)
     assert checked.returncode == 0, checked.stdout
@@ -98,8 +106,20 @@ def test_summary_on_stderr_and_output_passes_validate_data(workdir):
 
 
 def test_json_report_matches_the_file_and_runs_repeat_exactly(workdir):
-    first = run("mine", "queries.jsonl", "corpus.jsonl", "a.jsonl", "--format", "json", "--seed", "5", cwd=workdir)
-    second = run("mine", "queries.jsonl", "corpus.jsonl", "b.jsonl", "--quiet", "--seed", "5", cwd=workdir)
+    first = run(
+        "mine",
+        "queries.jsonl",
+        "corpus.jsonl",
+        "a.jsonl",
+        "--format",
+        "json",
+        "--seed",
+        "5",
+        cwd=workdir,
+    )
+    second = run(
+        "mine", "queries.jsonl", "corpus.jsonl", "b.jsonl", "--quiet", "--seed", "5", cwd=workdir
+    )
     assert first.returncode == second.returncode == 0
     assert second.stderr == "" and second.stdout == ""
     assert (workdir / "a.jsonl").read_bytes() == (workdir / "b.jsonl").read_bytes()
@@ -126,7 +146,10 @@ def test_existing_output_exits_2_unless_force(workdir):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--max-relative", "0.9"], "Error: --max-relative needs --model: it compares model scores"),
+        (
+            ["--max-relative", "0.9"],
+            "Error: --max-relative needs --model: it compares model scores",
+        ),
         (["--range", "5"], "Error: --range 5: write START:END, e.g. 10:100"),
         (["--language", "xx"], "Error: --language xx: use one of auto, en,"),
     ],

@@ -33,12 +33,17 @@ def mine(tmp_path, queries, corpus, **options) -> tuple[MiningReport, list[dict]
 
 def test_english_analysis_drops_stop_words_and_stems():
     analyzer = Analyzer("en")
-    assert analyzer.terms(normalize("The cats are Running to the Rivers")) == ["cat", "run", "river"]
+    assert analyzer.terms(normalize("The cats are Running to the Rivers")) == [
+        "cat",
+        "run",
+        "river",
+    ]
 
 
 def test_cjk_text_becomes_characters_and_bigrams_latin_words_stay_words():
     analyzer = Analyzer("cjk")
-    assert analyzer.terms(normalize("我爱北京 Beijing，天安门")) == [
+    # \uff0c: a full-width comma
+    assert analyzer.terms(normalize("我爱北京 Beijing\uff0c天安门")) == [
         "beijing",
         "我", "爱", "北", "京", "我爱", "爱北", "北京",
         "天", "安", "门", "天安", "安门",
@@ -51,7 +56,8 @@ def test_cjk_runs_are_split_even_under_english():
 
 
 def test_normalisation_folds_width_and_case():
-    assert Analyzer("none").terms(normalize("ＡＢＣ Straße")) == ["abc", "strasse"]
+    full_width_abc = "\uff21\uff22\uff23"
+    assert Analyzer("none").terms(normalize(full_width_abc + " Straße")) == ["abc", "strasse"]
 
 
 def test_language_detection_by_share_of_cjk_characters():
@@ -144,7 +150,9 @@ def test_near_duplicates_of_a_positive_are_dropped(tmp_path):
     corpus = [titled, truncated, mention, "alpha and omega", "alpha centauri is a star"]
     queries = [{"query": "alpha", "pos": [positive]}]
     report, rows = mine(tmp_path, queries, corpus, rank_range=(0, 10), neg_nums=10)
-    assert sorted(rows[0]["neg"]) == sorted([mention, "alpha and omega", "alpha centauri is a star"])
+    assert sorted(rows[0]["neg"]) == sorted(
+        [mention, "alpha and omega", "alpha centauri is a star"]
+    )
     assert report.removed["near_duplicate"] == 2
     assert report.positives_in_corpus == 0
 
