@@ -155,7 +155,7 @@ class Analyzer:
                 words.append(word)
             else:
                 cjk_terms.extend(cjk_run)
-                cjk_terms.extend(cjk_run[i : i + 2] for i in range(len(cjk_run) - 1))
+                cjk_terms.extend(map(str.__add__, cjk_run[:-1], cjk_run[1:]))  # bigrams
         return words, cjk_terms
 
     def _word_term(self, word: str) -> str:
@@ -181,7 +181,14 @@ class Analyzer:
                 for i, word in zip(ids, words, strict=True)
             ]
         if cjk_terms:
-            ids.extend(map(self._term_id if grow else self._known_term_id, cjk_terms))
+            # C-level lookups first; only terms never seen before take the slow path.
+            cjk_ids = list(map(self.vocabulary.get, cjk_terms))
+            if None in cjk_ids:
+                cjk_ids = [
+                    (self._term_id(term) if grow else -1) if i is None else i
+                    for i, term in zip(cjk_ids, cjk_terms, strict=True)
+                ]
+            ids.extend(cjk_ids)
         return [i for i in ids if i >= 0] if -1 in ids else ids
 
     def _term_id(self, term: str) -> int:
@@ -189,9 +196,6 @@ class Analyzer:
         if term_id is None:
             term_id = self.vocabulary[term] = len(self.vocabulary)
         return term_id
-
-    def _known_term_id(self, term: str) -> int:
-        return self.vocabulary.get(term, -1)
 
     def _word_id(self, word: str, grow: bool) -> int:
         """The term id of a word outside CJK runs (-1: a stop word, or unknown with grow off)."""

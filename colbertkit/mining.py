@@ -180,6 +180,8 @@ def _sniff_corpus_format(path: Path, file: Any) -> str:
         return "jsonl"
     if suffix == ".tsv":
         return "tsv"
+    if suffix == ".txt":
+        return "text"
     head = file.read(4096)
     file.seek(0)
     return "jsonl" if head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"{") else "text"
@@ -337,6 +339,7 @@ def _build_index(
         index.add(normalize(entry.title) + "\n" + normalized if entry.title else normalized)
     if len(passages) == 0:
         raise UsageError("the corpus has no passages with text")
+    log(f"read {len(passages):,} passages; building the BM25 index")
     index.build()
     return index, passages, skipped
 
