@@ -172,8 +172,9 @@ def summary_lines(report) -> list[str]:
         f"corpus: {report.corpus_passages:,} passages ({report.language}, "
         f"{report.vocabulary:,} terms, index {report.index_bytes / 1e6:.1f} MB); "
         f"{report.positives_in_corpus:,} of {report.positives:,} positives found in it",
-        f"indexed in {report.index_seconds:.1f} s ({report.passages_per_second:,.0f} passages/s), "
-        f"mined in {report.mine_seconds:.1f} s ({report.queries_per_second:,.0f} queries/s)",
+        f"indexed in {report.index_seconds:.1f} s "
+        f"({_rate(report.passages_per_second)} passages/s), mined in {report.mine_seconds:.1f} s "
+        f"({_rate(report.queries_per_second)} queries/s)",
     ]
     if report.short_rankings:
         lines.append(
@@ -183,6 +184,10 @@ def summary_lines(report) -> list[str]:
     if report.corpus_skipped_empty:
         lines.append(f"skipped {report.corpus_skipped_empty:,} corpus passages with no text")
     return lines
+
+
+def _rate(per_second: float) -> str:
+    return f"{per_second:,.0f}" if per_second >= 10 else f"{per_second:.2f}"
 
 
 class _Progress:
