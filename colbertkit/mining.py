@@ -518,8 +518,8 @@ def parse_rank_range(value: str | Sequence[int]) -> tuple[int, int]:
     start, end = parsed
     if start < 0 or end <= start:
         raise UsageError(
-            f"--range {start}:{end}: needs 0 <= START < END (skip the best START, keep ranks "
-            "START+1 to END)"
+            f"--range {start}:{end} is no window: it needs 0 <= START < END (skip the best START, "
+            "keep ranks START+1 to END)"
         )
     return start, end
 

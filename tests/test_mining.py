@@ -325,7 +325,7 @@ def test_an_encoder_without_head_is_no_teacher(tmp_path, encoder_dir):
     ("options", "message"),
     [
         ({"max_relative": 0.9}, "--max-relative needs --model"),
-        ({"rank_range": "100:10"}, "--range 100:10: needs 0 <= START < END"),
+        ({"rank_range": "100:10"}, "--range 100:10 is no window: it needs 0 <= START < END"),
         ({"rank_range": "ten"}, "--range ten: write START:END"),
         ({"neg_nums": 0}, "--neg-nums 0: must be at least 1"),
         ({"model": "m", "rank_range": (0, 50), "rerank_top": 20}, "--rerank-top 20 is smaller"),

@@ -45,7 +45,7 @@ def mine_command(
     rank_range: str = typer.Option(
         "10:100",
         "--range",
-        help="START:END: candidates are the ranks START+1 to END (10:100 skips the best 10).",
+        help="Rank window START:END, e.g. 10:100 = skip the best 10, keep ranks 11 to 100.",
     ),
     language: str = typer.Option("auto", "--language", help=LANGUAGE_HELP),
     corpus_format: str = typer.Option(
