@@ -624,20 +624,20 @@ class _Miner:
         kept_prints: set[int] = set()
         for position in ranking[start:end]:
             counters.candidates += 1
-            print_ = self.passages.fingerprint(position)
-            if print_ in positive_prints:
+            candidate_print = self.passages.fingerprint(position)
+            if candidate_print in positive_prints:
                 counters.removed["positive"] += 1
             elif _near_duplicate(
                 collapse_whitespace(normalize(self.passages.text(position))), positives
             ):
                 counters.removed["near_duplicate"] += 1
-            elif print_ in kept_prints:
+            elif candidate_print in kept_prints:
                 counters.removed["duplicate"] += 1
             elif threshold is not None and score[position] > threshold:
                 counters.removed["false_negative"] += 1
             else:
                 kept.append(position)
-                kept_prints.add(print_)
+                kept_prints.add(candidate_print)
         if len(kept) > self.neg_nums:
             generator = random.Random(f"{self.seed}:{row.index}")
             chosen = set(generator.sample(range(len(kept)), self.neg_nums))
