@@ -25,6 +25,8 @@ _LAZY = {
     "export_model": "colbertkit.export",
     "launch": "colbertkit.launcher",
     "open_checkpoint": "colbertkit.checkpoint",
+    "mine_negatives": "colbertkit.mining",
+    "MiningReport": "colbertkit.mining",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -49,7 +49,7 @@ def readme_command_lines() -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory) -> Path:
+def workspace(tmp_path_factory, cross_encoder_dir) -> Path:
     """A folder a user would have: the example data and a few files the README names."""
     root = tmp_path_factory.mktemp("readme")
     shutil.copytree(REPO / "example_data", root / "example_data")
@@ -61,6 +61,17 @@ def workspace(tmp_path_factory) -> Path:
     shutil.copy(root / "example_data" / "queries.tsv", root / "run.tsv")
     (yaml_profile,) = [block for block in code_blocks("yaml") if "num_machines: 2" in block]
     (root / "two-nodes.yaml").write_text(yaml_profile)
+    # mine: the training rows as queries with positives, every text of the examples as a corpus
+    shutil.copy(root / "example_data" / "train.jsonl", root / "queries.jsonl")
+    texts = []
+    for name in ("train.jsonl", "eval.jsonl"):
+        for line in (root / "example_data" / name).read_text().splitlines():
+            row = json.loads(line)
+            texts += [*row["pos"], *row["neg"]]
+    with open(root / "corpus.jsonl", "w") as corpus:
+        for i, text in enumerate(dict.fromkeys(texts)):
+            corpus.write(json.dumps({"_id": f"d{i}", "text": text}) + "\n")
+    shutil.copytree(cross_encoder_dir, root / "cross-encoder")
     return root
 
 
@@ -158,9 +169,7 @@ def check_more(result, ws):
 
 def check_overwrite(result, ws):
     assert result.stderr == ""
-    assert [p.name for p in (ws / "runs" / "quick" / "checkpoints").iterdir()] == [
-        "step-00000002"
-    ]
+    assert [p.name for p in (ws / "runs" / "quick" / "checkpoints").iterdir()] == ["step-00000002"]
 
 
 def check_bge_dry_run(result, ws):
@@ -218,6 +227,29 @@ def check_export_json(result, ws):
     assert report["verified"] is True and report["layout"] == "colbertkit"
 
 
+def mined(ws: Path, name: str) -> list[dict]:
+    return [json.loads(line) for line in (ws / name).read_text().splitlines()]
+
+
+def check_mine(result, ws):
+    rows = mined(ws, "mined.jsonl")
+    assert len(rows) == 60 and all(len(row["neg"]) == 4 for row in rows)
+    assert all(not set(row["pos"]) & set(row["neg"]) for row in rows)
+    assert "wrote 60 rows" in result.stderr
+
+
+def check_mine_model(result, ws):
+    assert "false_negative" in result.stderr or "likely false negatives" in result.stderr
+    assert all(1 <= len(row["neg"]) <= 4 for row in mined(ws, "mined.jsonl"))
+
+
+def check_mine_teacher(result, ws):
+    assert json.loads((ws / "mining.json").read_text())["rows_written"] == 60
+    rows = mined(ws, "distill.jsonl")
+    assert all(len(row["neg_scores"]) == len(row["neg"]) for row in rows)
+    assert all(len(row["pos_scores"]) == len(row["pos"]) for row in rows)
+
+
 CHECKS: dict[str, tuple[int, Check]] = {
     "colbertkit train --profile demo --overwrite && colbertkit score runs/demo "
     "example_data/queries.tsv --rank": (0, check_demo),
@@ -267,6 +299,15 @@ CHECKS: dict[str, tuple[int, Check]] = {
         0,
         check_export_json,
     ),
+    "colbertkit mine queries.jsonl corpus.jsonl mined.jsonl --range 1:30 --neg-nums 4": (
+        0,
+        check_mine,
+    ),
+    "colbertkit mine queries.jsonl corpus.jsonl mined.jsonl --force --range 1:30 --neg-nums 4 "
+    "--model runs/demo --rerank-top 30 --max-relative 0.95": (0, check_mine_model),
+    "colbertkit mine queries.jsonl corpus.jsonl distill.jsonl --range 1:30 --neg-nums 4 "
+    "--teacher cross-encoder --format json > mining.json": (0, check_mine_teacher),
+    "colbertkit validate-data mined.jsonl --neg-nums 4": (0, check_validate),
 }
 
 

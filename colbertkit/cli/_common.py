@@ -126,7 +126,8 @@ def as_flags(message: str) -> str:
 
 def stderr_console() -> Console:
     # Built on demand so that tests capturing sys.stderr see the output.
-    return Console(file=sys.stderr, highlight=False, soft_wrap=True)
+    # No emoji codes: ":end:" in a message must stay text.
+    return Console(file=sys.stderr, highlight=False, soft_wrap=True, emoji=False)
 
 
 _debug_flag = False
