@@ -324,7 +324,7 @@ def parse_line(line: bytes | None, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES)
     if b"\x00" in line:
         parsed.problem = RowProblem(
             "invalid_utf8",
-            "the line holds NUL bytes: this looks like a binary file, not JSON Lines",
+            "the line holds NUL bytes: a binary file or UTF-16 text, not UTF-8 JSON Lines",
         )
         return parsed
     try:

@@ -120,7 +120,7 @@ def test_every_layout_exports_to_both_layouts_with_equal_scores_and_weights(
 ):
     source = request.getfixturevalue(fixture)
     out = tmp_path / "out"
-    report = export_model(source, out, format=layout)
+    report = export_model(source, out, layout=layout)
     assert report.verified and report.max_difference <= TOLERANCES["fp32"]
     assert report.pairs_checked == len(SAMPLE_PAIRS)
     assert detect_layout(out).kind == layout
