@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from colbertkit import errors
+from colbertkit import defaults, errors
 from colbertkit.errors import ColbertkitError
 from colbertkit.precision import DTYPE_NAMES
 
@@ -57,6 +57,49 @@ def debug_option() -> Any:
         callback=_debug_callback,
         is_eager=True,
         help=f"Show full tracebacks (or set {errors.DEBUG_ENV}=1).",
+    )
+
+
+# The options of every command that loads a model, written once.
+
+
+def encode_batch_size_option() -> Any:
+    return typer.Option(
+        defaults.ENCODE_BATCH_SIZE,
+        "--encode-batch-size",
+        min=1,
+        help="Texts per encoder forward (memory vs speed; scores do not change).",
+    )
+
+
+def device_option() -> Any:
+    return typer.Option(
+        "auto",
+        "--device",
+        envvar="COLBERTKIT_DEVICE",
+        help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps.",
+    )
+
+
+def dtype_option() -> Any:
+    return typer.Option(DType.fp32, "--dtype", help="Model precision; fp16 needs a GPU.")
+
+
+def max_len_option(kind: str) -> Any:
+    default = defaults.QUERY_MAX_LEN if kind == "query" else defaults.PASSAGE_MAX_LEN
+    return typer.Option(
+        None,
+        f"--{kind}-max-len",
+        min=2,
+        help=f"Default: the checkpoint's metadata, else {default}.",
+    )
+
+
+def trust_remote_code_option() -> Any:
+    return typer.Option(
+        False,
+        "--trust-remote-code",
+        help="Allow the checkpoint's own Python code (off by default).",
     )
 
 

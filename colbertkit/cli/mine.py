@@ -11,15 +11,19 @@ from pathlib import Path
 
 import typer
 
-from colbertkit import defaults
 from colbertkit.cli._common import (
     DType,
     ReportFormat,
     debug_option,
+    device_option,
+    dtype_option,
+    encode_batch_size_option,
     handle_errors,
+    max_len_option,
     quiet_option,
     report_format_option,
     stderr_console,
+    trust_remote_code_option,
 )
 from colbertkit.progress import ProgressBar
 
@@ -78,28 +82,12 @@ def mine_command(
     fresh_head: bool = typer.Option(
         False, "--fresh-head", help="--model has no head: attach a new, seeded one."
     ),
-    encode_batch_size: int = typer.Option(
-        defaults.ENCODE_BATCH_SIZE,
-        "--encode-batch-size",
-        min=1,
-        help="Texts per encoder forward (--model, --teacher).",
-    ),
-    device: str = typer.Option(
-        "auto",
-        "--device",
-        envvar="COLBERTKIT_DEVICE",
-        help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps.",
-    ),
-    dtype: DType = typer.Option(DType.fp32, "--dtype", help="Model precision; fp16 needs a GPU."),
-    query_max_len: int | None = typer.Option(
-        None, "--query-max-len", min=2, help="Default: the checkpoint's metadata, else 128."
-    ),
-    passage_max_len: int | None = typer.Option(
-        None, "--passage-max-len", min=2, help="Default: the checkpoint's metadata, else 512."
-    ),
-    trust_remote_code: bool = typer.Option(
-        False, "--trust-remote-code", help="Allow the checkpoints' own Python code."
-    ),
+    encode_batch_size: int = encode_batch_size_option(),
+    device: str = device_option(),
+    dtype: DType = dtype_option(),
+    query_max_len: int | None = max_len_option("query"),
+    passage_max_len: int | None = max_len_option("passage"),
+    trust_remote_code: bool = trust_remote_code_option(),
     seed: int = typer.Option(0, "--seed", help="Seed of the sampling (and of --fresh-head)."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists (on success)."),
     report_format: ReportFormat = report_format_option("the summary (text on stderr)"),
