@@ -183,7 +183,7 @@ def check_bge_dry_run(result, ws):
 
 def check_plan_json(result, ws):
     plan = json.loads((ws / "plan.json").read_text())
-    assert plan["plan"]["total_steps"] == 15
+    assert plan["plan"]["total_steps"] == 17  # 68 examples, 4 a step
     assert plan["run_directory"] == "refused"  # runs/demo holds the demo run
     assert "already holds a training run" in plan["problems"][0]
 
@@ -197,11 +197,13 @@ def check_two_nodes(rank: int) -> Check:
 
 
 def check_validate(result, ws):
-    assert "0 errors" in result.stdout
+    assert "OK: no problems found" in result.stdout
 
 
 def check_validate_tokens(result, ws):
-    assert "0 errors" in result.stdout and "steps per epoch" in result.stdout
+    assert "OK: no problems found" in result.stdout
+    assert "steps per epoch: 17 at batch size 4" in result.stdout  # the plan's number
+    assert "0 (0.0%) over 128" in result.stdout
 
 
 def check_report_json(result, ws):
