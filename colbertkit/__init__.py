@@ -23,6 +23,7 @@ _LAZY = {
     "train": "colbertkit.training",
     "TrainConfig": "colbertkit.train_config",
     "export_model": "colbertkit.export",
+    "evaluate": "colbertkit.evaluation",
 }
 
 __all__ = ["__version__", *_LAZY]

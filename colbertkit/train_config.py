@@ -17,6 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from colbertkit.errors import UsageError
+from colbertkit.metrics import metric_names
 
 # Names users bring from the reference scripts and Hugging Face's Trainer.
 _FAMILIAR_NAMES = {
@@ -244,7 +245,7 @@ class TrainConfig(BaseModel):
 
     def metric_names(self) -> list[str]:
         """The eval metrics this configuration computes, in log order."""
-        return ["mrr@10", "ndcg@10", *(f"recall@{k}" for k in sorted(set(self.recall_at)))]
+        return metric_names(self.recall_at)
 
 
 def load_train_config(settings: TrainConfig | Mapping[str, Any]) -> TrainConfig:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from colbertkit import __version__
-from colbertkit.cli import export, score, train, validate
+from colbertkit.cli import evaluate, export, score, train, validate
 from colbertkit.cli._common import DEBUG_ENV, set_debug
 
 app = typer.Typer(
@@ -41,6 +41,7 @@ app.command("score", no_args_is_help=True)(score.score_command)
 app.command("validate-data", no_args_is_help=True)(validate.validate_command)
 app.command("train", no_args_is_help=True)(train.train_command)
 app.command("export", no_args_is_help=True)(export.export_command)
+app.command("evaluate", no_args_is_help=True)(evaluate.evaluate_command)
 
 
 def main() -> None:
