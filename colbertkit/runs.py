@@ -2,8 +2,8 @@
 
 **Qrels**, one judgement a line, tab- or space-separated:
 
-* ``qid<TAB>pid<TAB>grade`` (BEIR's ``qrels/*.tsv``; its ``query-id corpus-id score`` header
-  line is skipped), or
+* ``qid<TAB>pid<TAB>grade`` (BEIR's ``qrels/*.tsv``; a first line whose grade is not a number,
+  like BEIR's ``query-id corpus-id score`` header, is skipped), or
 * ``qid 0 pid grade`` (TREC; the second column, the iteration, is ignored).
 
 Grades are integers: 0 (or below) is judged not relevant, 1, 2, ... relevant with that gain.
@@ -126,7 +126,7 @@ def read_qrels(path: str | os.PathLike[str]) -> Qrels:
         )
         grade = _integer(grade_text)
         if grade is None:
-            if columns is None and not judgements:
+            if columns is None and _number(grade_text) is None:
                 columns = len(fields)
                 continue  # a header line, e.g. BEIR's "query-id corpus-id score"
             raise InputError(name, number, f"grade {grade_text!r} is not an integer", QRELS_FIX)

@@ -109,6 +109,7 @@ def _random_query(rng: random.Random, qid: int):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_every_metric_matches_pytrec_eval_on_random_graded_runs(seed):
     import pytrec_eval  # dev dependency: pytrec-eval-terrier
+
     rng = random.Random(seed)
     qrels, run = {}, {}
     for q in range(40):
