@@ -234,20 +234,24 @@ def evaluate_run(
     left_out = result.with_status(NO_RELEVANT)
     if missing:
         result.notes.append(
-            f"{len(missing)} queries with relevant passages are not in the run and count 0 "
-            f"(e.g. {missing[0]})"
+            f"{_count(len(missing), 'query', 'queries')} with a relevant passage not in the run: "
+            f"counted as 0 (e.g. {missing[0]})"
         )
     if left_out:
         result.notes.append(
-            f"{len(left_out)} queries of the run have no relevant passage in the judgements and "
-            f"are left out of the means (e.g. {left_out[0]})"
+            f"{_count(len(left_out), 'query', 'queries')} of the run without a relevant passage "
+            f"in the judgements: left out of the means (e.g. {left_out[0]})"
         )
     if tied_queries:
         result.notes.append(
-            f"{tied_queries} queries have equal scores on passages of different relevance; "
-            "ties are ranked pessimistically (less relevant first)"
+            f"{_count(tied_queries, 'query', 'queries')} with equal scores on passages of "
+            "different relevance: ranked pessimistically (less relevant first)"
         )
     return result
+
+
+def _count(number: int, one: str, many: str) -> str:
+    return f"{number:,} {one if number == 1 else many}"
 
 
 def _has_deciding_tie(scores: Sequence[float], grades: Sequence[int]) -> bool:
@@ -501,11 +505,11 @@ def _candidates_from_rows(path: str | os.PathLike[str]) -> _Candidates:
         without_negatives += not row.neg
     if not rows:
         raise InputError(path, None, "no rows", 'write {"query", "pos", "neg"} rows')
-    notes = [f"{path}: {len(rows)} rows, named by line number"]
+    notes = [f"{path}: {_count(len(rows), 'row', 'rows')}, named by line number"]
     if without_negatives:
         notes.append(
-            f"{without_negatives} rows have no negatives: every passage is relevant, so they "
-            "score 1 whatever the ranking (the trainer's evaluator counts them the same way)"
+            f"{_count(without_negatives, 'row', 'rows')} without negatives: every passage is "
+            "relevant, so each scores 1 whatever the ranking (as in the trainer's evaluator)"
         )
 
     def texts() -> Iterator[tuple[str, str]]:

@@ -128,7 +128,7 @@ def test_the_readme_commands_run_as_shown(workdir, monkeypatch):
     table = plain_table(rows.stdout)  # piped: plain text
     assert list(table) == ["mrr@10", "ndcg@10", "recall@5", "recall@10", "map"]
     assert "queries: 4 counted (eval rows of eval.jsonl)" in rows.stdout
-    assert "1 rows have no negatives" in rows.stdout
+    assert "1 row without negatives" in rows.stdout
     assert "found colbertkit layout" in rows.stderr
 
     assert "baseline: base/" in baseline.stdout and "95% interval" in baseline.stdout
@@ -252,7 +252,8 @@ def test_help_imports_no_torch():
     assert done.returncode == 0, done.stderr
 
 
-def test_rich_table_on_a_terminal_shows_the_same_facts(workdir, capsys):
+def test_rich_table_on_a_terminal_shows_the_same_facts(workdir, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")  # long temporary paths would wrap in 80
     from colbertkit.cli.evaluate import _render_rich, render_plain
     from colbertkit.evaluation import evaluate
 

@@ -166,7 +166,7 @@ def test_missing_queries_count_zero_and_queries_without_relevant_are_left_out():
         ("c", NO_RELEVANT),
     ]
     assert result.means == pytest.approx({name: 0.5 for name in metric_names((10,))})
-    assert any("1 queries with relevant passages are not in the run" in n for n in result.notes)
+    assert any("1 query with a relevant passage not in the run" in n for n in result.notes)
     assert any("left out of the means (e.g. c)" in n for n in result.notes)
 
 
@@ -194,7 +194,7 @@ def test_eval_rows_rank_each_rows_pos_and_neg_with_the_scorer(colbertkit_dir, ev
     assert report.system.means == pytest.approx(mean_metrics(expected), abs=1e-6)
     assert [q.qid for q in report.system.queries] == ["1", "2", "3", "4"]
     assert report.system.pairs_scored == sum(len(r["pos"]) + len(r["neg"]) for r in EVAL_ROWS)
-    assert any("1 rows have no negatives" in note for note in report.notes)
+    assert any("1 row without negatives" in note for note in report.notes)
     assert report.baseline is None and report.comparison is None
 
 

@@ -309,6 +309,7 @@ def render_plain(content: dict[str, Any]) -> str:
 
 
 def _render_rich(content: dict[str, Any]) -> None:
+    from rich import box
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
@@ -319,9 +320,15 @@ def _render_rich(content: dict[str, Any]) -> None:
         console.print(escape(_system_line("baseline", content["baseline"])))
     console.print(escape(_queries_line(content)))
     header, rows = _rows(content)
-    table = Table(show_header=True, header_style="bold")
+    table = Table(
+        header_style="bold",
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        pad_edge=False,
+        collapse_padding=True,
+    )
     for i, name in enumerate(header):
-        table.add_column(name, justify="left" if i == 0 else "right")
+        table.add_column(name, justify="left" if i == 0 else "right", no_wrap=True)
     for row in rows:
         styled = list(row)
         if content["comparison"] is not None:
