@@ -476,7 +476,7 @@ def _read_scores(path: str | os.PathLike[str], judged: Qrels | None) -> Run:
 
 
 def _is_training_rows(path: str | os.PathLike[str]) -> bool:
-    """True for a jsonl file (first non-blank character ``{``), False for a pairs TSV."""
+    """True for eval rows (``.jsonl`` / ``.json``, or a first non-blank ``{``), else a pairs TSV."""
     if str(path) == "-":
         return False  # standard input: a pairs TSV
     file = Path(path)
@@ -484,7 +484,7 @@ def _is_training_rows(path: str | os.PathLike[str]) -> bool:
         raise UsageError(f"{file}: no such file")
     with open(file, "rb") as handle:
         start = handle.read(4096).removeprefix(b"\xef\xbb\xbf").lstrip()
-    return start.startswith(b"{")
+    return start.startswith(b"{") or file.suffix.lower() in (".jsonl", ".json")
 
 
 def _candidates_from_rows(path: str | os.PathLike[str]) -> _Candidates:
@@ -493,23 +493,32 @@ def _candidates_from_rows(path: str | os.PathLike[str]) -> _Candidates:
     judgements: dict[str, dict[str, int]] = {}
     keys: list[tuple[str, str]] = []
     rows: list[tuple[str, list[str]]] = []
-    without_negatives = 0
-    # Same reader and rule as the trainer's evaluator: every listed passage is a candidate.
+    without_negatives: list[int] = []
+    # The trainer's reader and rule: every listed passage is a candidate, pos relevant.
     for line, row in read_training_rows(path, require_negatives=False):
+        if not row.neg:
+            # Nothing to rank the positives against: such a row would score 1 whatever the
+            # model does. The trainer refuses these rows in its eval set; here they are skipped.
+            without_negatives.append(line)
+            continue
         qid = str(line)
         passages = [*row.pos, *row.neg]
         grades = [1] * len(row.pos) + [0] * len(row.neg)
         judgements[qid] = {str(i): grade for i, grade in enumerate(grades)}
         keys.extend((qid, str(i)) for i in range(len(passages)))
         rows.append((row.query, passages))
-        without_negatives += not row.neg
     if not rows:
-        raise InputError(path, None, "no rows", 'write {"query", "pos", "neg"} rows')
-    notes = [f"{path}: {_count(len(rows), 'row', 'rows')}, named by line number"]
+        raise InputError(
+            path,
+            None,
+            "no row has negatives: nothing to rank the positives against",
+            'give rows {"query", "pos", "neg"} a non-empty neg list',
+        )
+    notes = [f"{path}: {_count(len(rows), 'row', 'rows')} ranked, named by line number"]
     if without_negatives:
         notes.append(
-            f"{_count(without_negatives, 'row', 'rows')} without negatives: every passage is "
-            "relevant, so each scores 1 whatever the ranking (as in the trainer's evaluator)"
+            f"{_count(len(without_negatives), 'row', 'rows')} without negatives skipped: "
+            f"nothing to rank their positives against (e.g. line {without_negatives[0]})"
         )
 
     def texts() -> Iterator[tuple[str, str]]:

@@ -127,15 +127,15 @@ def test_the_readme_commands_run_as_shown(workdir, monkeypatch):
 
     table = plain_table(rows.stdout)  # piped: plain text
     assert list(table) == ["mrr@10", "ndcg@10", "recall@5", "recall@10", "map"]
-    assert "queries: 4 counted (eval rows of eval.jsonl)" in rows.stdout
-    assert "1 row without negatives" in rows.stdout
+    assert "queries: 3 counted (eval rows of eval.jsonl)" in rows.stdout
+    assert "1 row without negatives skipped" in rows.stdout
     assert "found colbertkit layout" in rows.stderr
 
     assert "baseline: base/" in baseline.stdout and "95% interval" in baseline.stdout
     compared = plain_table(baseline.stdout)
     assert compared["mrr@10"][0] == table["mrr@10"][0]  # same system, same number
     won, lost, tied = map(int, compared["mrr@10"][-3:])
-    assert won + lost + tied == 4
+    assert won + lost + tied == 3
 
     assert "1 not in the system's run count 0" in pairs.stdout
     assert "1 without a relevant passage left out" in pairs.stdout

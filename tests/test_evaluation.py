@@ -184,7 +184,7 @@ def test_eval_rows_rank_each_rows_pos_and_neg_with_the_scorer(colbertkit_dir, ev
 
     report = evaluate(colbertkit_dir, eval_rows, options=CPU)
     expected = []
-    for row in EVAL_ROWS:
+    for row in EVAL_ROWS[:3]:  # the last row has no negatives: skipped
         passages = [*row["pos"], *row["neg"]]
         scores = score_pairs(
             str(colbertkit_dir), [(row["query"], p) for p in passages], device="cpu"
@@ -192,9 +192,9 @@ def test_eval_rows_rank_each_rows_pos_and_neg_with_the_scorer(colbertkit_dir, ev
         relevance = [True] * len(row["pos"]) + [False] * len(row["neg"])
         expected.append(ranking_metrics(scores, relevance))  # what the trainer computes
     assert report.system.means == pytest.approx(mean_metrics(expected), abs=1e-6)
-    assert [q.qid for q in report.system.queries] == ["1", "2", "3", "4"]
-    assert report.system.pairs_scored == sum(len(r["pos"]) + len(r["neg"]) for r in EVAL_ROWS)
-    assert any("1 row without negatives" in note for note in report.notes)
+    assert [q.qid for q in report.system.queries] == ["1", "2", "3"]
+    assert report.system.pairs_scored == sum(len(r["pos"]) + len(r["neg"]) for r in EVAL_ROWS[:3])
+    assert any("1 row without negatives skipped" in note for note in report.notes)
     assert report.baseline is None and report.comparison is None
 
 
@@ -230,7 +230,7 @@ def test_an_identical_baseline_ties_on_every_query(colbertkit_dir, eval_rows, tm
     assert report.comparison is not None
     for diff in report.comparison.values():
         assert (diff.low, diff.high, diff.difference) == (0.0, 0.0, 0.0)
-        assert (diff.won, diff.lost, diff.tied) == (0, 0, len(EVAL_ROWS))
+        assert (diff.won, diff.lost, diff.tied) == (0, 0, 3)
     out = tmp_path / "per_query.tsv"
     report.write_per_query(out)
     header, *lines = out.read_text().splitlines()
@@ -238,7 +238,7 @@ def test_an_identical_baseline_ties_on_every_query(colbertkit_dir, eval_rows, tm
         "qid", "status", "candidates", "relevant", *metric_names(),
         *(f"baseline_{name}" for name in metric_names()),
     ]  # fmt: skip
-    assert len(lines) == len(EVAL_ROWS)
+    assert len(lines) == 3
     cells = lines[0].split("\t")
     assert cells[4:9] == cells[9:14]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["eval.jsonl", "per_query.tsv"]
@@ -326,3 +326,37 @@ def test_data_and_qrels_must_match_in_kind(files, eval_rows, tmp_path):
         evaluate("c", two_columns, qrels=qrels)
     with pytest.raises(UsageError, match=r"absent\.jsonl: no such file"):
         evaluate("c", tmp_path / "absent.jsonl")
+    only_positives = files("distill.jsonl", '{"query": "q", "pos": ["a", "b"]}\n')
+    with pytest.raises(InputError, match=r"distill.jsonl: no row has negatives"):
+        evaluate("c", only_positives)
+
+
+def test_the_trainers_evaluator_and_evaluate_agree(tmp_path, colbertkit_dir, files):
+    from colbertkit.training import train
+    from tests.conftest import write_training_rows
+
+    # The trainer refuses eval rows without negatives; the others are its eval set.
+    eval_rows = files("eval.jsonl", "".join(json.dumps(row) + "\n" for row in EVAL_ROWS[:3]))
+
+    result = train(
+        {
+            "model": str(colbertkit_dir),
+            "dataset": str(write_training_rows(tmp_path / "train.jsonl", 4)),
+            "eval_dataset": str(eval_rows),
+            "eval_at_start": True,  # the untrained model: the checkpoint itself
+            "output_dir": str(tmp_path / "run"),
+            "batch_size": 2,
+            "neg_nums": 2,
+            "max_steps": 1,
+            "query_max_len": 32,  # the checkpoint's own lengths, which evaluate uses
+            "passage_max_len": 64,
+            "best_metric": None,
+            "progress_bar": False,
+        }
+    )
+    at_start = result.eval_history[0]
+    assert at_start["step"] == 0
+    report = evaluate(colbertkit_dir, eval_rows, options=CPU)
+    assert list(report.system.means) == [name for name in at_start if name != "step"]
+    for name, value in report.system.means.items():
+        assert at_start[name] == pytest.approx(value, abs=1e-6), name
