@@ -4,7 +4,8 @@ One entry point, :func:`evaluate`, for the two worlds users come from:
 
 * **Reranking rows** (the training format, the rows the trainer's evaluator reads): each row's
   ``pos + neg`` are ranked by the checkpoint; ``pos`` are relevant (grade 1), ``neg`` are not.
-  Rows are named by their line number.
+  Rows are named by their line number. A row without negatives has nothing to rank its
+  positives against (it would score 1 whatever the model does): it is skipped and counted.
 * **Retrieval runs**: a pairs TSV with ids (``qid query pid passage``) scored by the checkpoint,
   or a scores file made elsewhere (:mod:`colbertkit.runs`), judged by TREC / BEIR qrels.
 
@@ -34,7 +35,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from colbertkit.errors import ColbertkitError, InputError, UsageError
+from colbertkit.errors import InputError, UsageError
 from colbertkit.metrics import (
     PairedDifference,
     metric_names,
@@ -360,6 +361,13 @@ def evaluate(
 
     # Every input is read and checked before any model loads.
     judged = read_qrels(qrels) if qrels is not None else None
+    if judged is not None and not any(map(judged.relevant_count, judged.judgements)):
+        raise InputError(
+            judged.path,
+            None,
+            "no passage is judged relevant (every grade is 0 or below); nothing to evaluate",
+            "relevant passages have grades of 1 or more",
+        )
     candidates = _read_data(data, judged) if data is not None else None
     try:
         run_files = {
@@ -390,10 +398,6 @@ def evaluate(
             candidates.close()
 
     system = results["system"]
-    if not system.counted():
-        raise ColbertkitError(
-            f"{qrels}: no query of the judgements has a relevant passage; nothing to evaluate"
-        )
     report = EvaluationReport(
         metrics=metric_names(recall_at),
         system=system,

@@ -292,6 +292,12 @@ def test_queries_the_qrels_do_not_know_are_an_error_with_the_line(files):
         evaluate("unused-checkpoint", pairs, qrels=qrels)
 
 
+def test_qrels_without_a_relevant_passage_stop_before_any_model_loads(files):
+    qrels = files("qrels.tsv", "q1\tp1\t0\nq2\tp1\t-1\n")
+    with pytest.raises(InputError, match=r"qrels.tsv: no passage is judged relevant"):
+        evaluate("unused-checkpoint", files("pairs.tsv", PAIRS), qrels=qrels)
+
+
 def test_pairs_listed_twice_are_an_error(files):
     pairs = files("pairs.tsv", PAIRS + PAIRS.splitlines(keepends=True)[1])
     with pytest.raises(InputError, match=r"pairs.tsv:7: q1/p2 is listed twice \(first on line 2"):
