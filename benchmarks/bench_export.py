@@ -109,7 +109,8 @@ def build_synthetic(work: Path, size_gb: float) -> tuple[Path, Path]:
     from transformers import AutoModel, BertConfig
 
     from colbertkit.checkpoint import resolve_checkpoint
-    from colbertkit.export import TOKENIZER_FILES, TensorEntry, write_safetensors
+    from colbertkit.checkpoint.layouts import TOKENIZER_FILES
+    from colbertkit.checkpoint.tensors import TensorEntry, write_safetensors
     from colbertkit.model import fresh_head
 
     hidden, intermediate, vocab = 1024, 4096, 30522

@@ -114,10 +114,10 @@ def run_colbertkit(args: argparse.Namespace, work: Path) -> dict:
 
 def _batches(args: argparse.Namespace, tokenizer):
     """The same batches colbertkit.train sees (same seed, same order)."""
-    from colbertkit.collate import Collator, epoch_examples, process_batches
-    from colbertkit.training import _read_rows
+    from colbertkit.collate import Collator, epoch_examples
+    from colbertkit.data import process_batches, read_training_rows
 
-    rows = _read_rows(args.dataset_file, require_negatives=True)
+    rows = [row for _, row in read_training_rows(args.dataset_file)]
     examples = epoch_examples(rows, neg_nums=args.neg_nums, seed=args.seed, epoch=0)
     collator = Collator(tokenizer, args.query_len, args.passage_len)
     for indices in process_batches(len(examples), args.batch_size, 1, 0)[

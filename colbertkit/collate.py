@@ -4,8 +4,6 @@
   the reference rule) and shuffles them, all from a generator seeded by (seed, epoch): an
   epoch's examples are a pure function of the data, the seed and the epoch number, which is what
   makes resuming at "epoch e, batch b" exact.
-* :func:`process_batches` cuts an epoch into global batches of ``batch_size * num_processes``
-  examples and gives each process its own slice (data sharded per process).
 * :class:`Collator` tokenizes a batch without padding; :func:`length_sorted_chunks` then pads
   sequences in chunks of similar length, each to its own longest (rounded up to a multiple of 8
   on GPU), instead of padding everything to ``passage_max_len``.
@@ -71,29 +69,6 @@ def epoch_examples(
     return examples
 
 
-def process_batches(
-    num_examples: int, batch_size: int, num_processes: int, process_index: int
-) -> list[range]:
-    """Index ranges of this process's batches in one epoch.
-
-    Global batch g holds examples ``[g * B * W, (g + 1) * B * W)``; process r takes the r-th
-    slice of B. The last, incomplete global batch is split evenly (every process must see the
-    same number of examples, for gathering and for the collectives of a step); the at most
-    ``W - 1`` examples left over are skipped this epoch (the next epoch reshuffles).
-    """
-    global_batch = batch_size * num_processes
-    batches = []
-    for start in range(0, num_examples - global_batch + 1, global_batch):
-        begin = start + process_index * batch_size
-        batches.append(range(begin, begin + batch_size))
-    remainder = num_examples % global_batch
-    share = remainder // num_processes
-    if share:
-        start = num_examples - remainder + process_index * share
-        batches.append(range(start, start + share))
-    return batches
-
-
 @dataclass
 class TokenizedBatch:
     """A batch tokenized without padding.
@@ -114,6 +89,22 @@ class TokenizedBatch:
         return sum(map(len, self.queries)) + sum(map(len, self.passages))
 
 
+def tokenize(tokenizer: Any, texts: Sequence[str], max_len: int) -> list[list[int]]:
+    """Token ids of each text, unpadded, truncated to ``max_len`` (CLS and SEP included)."""
+    if not texts:
+        return []  # the fast tokenizers fail on an empty batch
+    encoded = tokenizer(
+        list(texts),
+        max_length=max_len,
+        truncation=True,
+        padding=False,
+        add_special_tokens=True,
+        return_attention_mask=False,
+        return_token_type_ids=False,
+    )
+    return [list(ids) for ids in encoded["input_ids"]]
+
+
 class Collator:
     """Tokenize examples to id lists, truncated to the maximum lengths (CLS and SEP included)."""
 
@@ -123,10 +114,7 @@ class Collator:
         self.passage_max_len = passage_max_len
 
     def tokenize(self, texts: Sequence[str], max_len: int) -> list[list[int]]:
-        encoded = self.tokenizer(
-            list(texts), max_length=max_len, truncation=True, padding=False, add_special_tokens=True
-        )
-        return [list(ids) for ids in encoded["input_ids"]]
+        return tokenize(self.tokenizer, texts, max_len)
 
     def __call__(self, examples: Sequence[TrainingExample]) -> TokenizedBatch:
         passages = [text for ex in examples for text in (ex.positive, *ex.negatives)]

@@ -434,10 +434,37 @@ def expected_duplicates(available: int, neg_nums: int) -> float:
     return neg_nums - available * (1.0 - missed)
 
 
-def __getattr__(name: str) -> Any:
-    # validate_dataset and its report live in colbertkit.validation (which imports this module).
-    if name in ("validate_dataset", "ValidationReport"):
-        from colbertkit import validation
+# --------------------------------------------------------------------------------------------
+# Batches of an epoch
+# --------------------------------------------------------------------------------------------
 
-        return getattr(validation, name)
-    raise AttributeError(f"module 'colbertkit.data' has no attribute {name!r}")
+
+def process_batches(
+    num_examples: int, batch_size: int, num_processes: int, process_index: int
+) -> list[range]:
+    """Index ranges of this process's batches in one epoch.
+
+    Global batch g holds examples ``[g * B * W, (g + 1) * B * W)``; process r takes the r-th
+    slice of B. The last, incomplete global batch is split evenly (every process must see the
+    same number of examples, for gathering and for the collectives of a step); the at most
+    ``W - 1`` examples left over are skipped this epoch (the next epoch reshuffles).
+    """
+    global_batch = batch_size * num_processes
+    batches = []
+    for start in range(0, num_examples - global_batch + 1, global_batch):
+        begin = start + process_index * batch_size
+        batches.append(range(begin, begin + batch_size))
+    remainder = num_examples % global_batch
+    share = remainder // num_processes
+    if share:
+        start = num_examples - remainder + process_index * share
+        batches.append(range(start, start + share))
+    return batches
+
+
+def steps_per_epoch(
+    num_examples: int, batch_size: int, num_processes: int = 1, accumulation: int = 1
+) -> int:
+    """Optimizer steps in one epoch: the engine's plan and ``validate-data`` both use this."""
+    batches = len(process_batches(num_examples, batch_size, num_processes, 0))
+    return math.ceil(batches / accumulation)

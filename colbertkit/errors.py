@@ -6,7 +6,10 @@ and what to do about it.
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 
 class ColbertkitError(Exception):
@@ -36,3 +39,51 @@ class InputError(ColbertkitError):
 
 class CheckpointError(ColbertkitError):
     """A checkpoint cannot be found, read or trusted."""
+
+
+def first_line(error: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message (its type name when the message is empty)."""
+    text = str(error).strip()
+    return text.splitlines()[0][:limit] if text else type(error).__name__
+
+
+def unknown_key_hint(
+    key: str, known: Iterable[str], familiar: Mapping[str, str] | None = None
+) -> str | None:
+    """The valid name nearest to ``key`` (``learning_rate`` -> ``lr`` through ``familiar``)."""
+    familiar = familiar or {}
+    if key in familiar:
+        return familiar[key]
+    candidates = sorted(set(known) | set(familiar))
+    nearest = difflib.get_close_matches(key, candidates, n=1, cutoff=0.5)
+    return familiar.get(nearest[0], nearest[0]) if nearest else None
+
+
+def describe_validation_error(error: Any, *, quote_names: bool = False) -> str:
+    """``setting: message; setting: message`` for each problem a pydantic ValidationError holds.
+
+    pydantic's ``Value error,`` prefix is dropped. ``quote_names`` writes each name as
+    ```name``` (a function's parameter, which the CLI turns into its flag).
+    """
+    problems = []
+    for item in error.errors(include_url=False):
+        where = ".".join(str(part) for part in item["loc"])
+        message = item["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
+        if where and quote_names:
+            where = f"`{where}`"
+            given = item.get("input")
+            if isinstance(given, (str, int, float)) and not isinstance(given, bool):
+                where += f" {given}"
+        problems.append(f"{where}: {message}" if where else message)
+    return "; ".join(problems)
+
+
+def validate_options(model: type, **values: Any) -> Any:
+    """``model(**values)`` (a pydantic model of a function's options), or a UsageError that names
+    each wrong parameter and what it should be."""
+    from pydantic import ValidationError
+
+    try:
+        return model(**values)
+    except ValidationError as error:
+        raise UsageError(describe_validation_error(error, quote_names=True)) from None

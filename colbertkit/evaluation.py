@@ -33,15 +33,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from colbertkit.errors import InputError, UsageError
+from colbertkit import defaults
+from colbertkit.checkpoint.files import atomic_write_text
+from colbertkit.errors import InputError, UsageError, validate_options
 from colbertkit.metrics import (
     PairedDifference,
     metric_names,
     paired_bootstrap,
     ranking_metrics,
 )
+from colbertkit.precision import DTypeName
 from colbertkit.runs import Qrels, Run
 
 # Query status in a report.
@@ -52,16 +55,16 @@ NO_RELEVANT = "no_relevant"  # in the run, no passage judged relevant: left out
 ProgressFactory = Callable[[str, int], AbstractContextManager[Callable[[int], None] | None]]
 
 
-class ScorerOptions(BaseModel):
-    """How a checkpoint is loaded and run; the options of ``colbertkit score``."""
+class ModelOptions(BaseModel):
+    """How a checkpoint is loaded and run for scoring; the options of ``colbertkit score``."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    batch_size: int = Field(32, ge=1, description="Texts per encoder batch.")
+    batch_size: int = Field(defaults.ENCODE_BATCH_SIZE, ge=1, description="Texts per forward.")
     query_max_len: int | None = Field(None, ge=2, description="Default: the checkpoint's.")
     passage_max_len: int | None = Field(None, ge=2, description="Default: the checkpoint's.")
     device: str = "auto"
-    dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
+    dtype: DTypeName = "fp32"
     pad_floor: bool = False
     colbert_dim: int | None = Field(None, ge=1)
     fresh_head: bool = False
@@ -168,22 +171,11 @@ class EvaluationReport:
                     cells += [""] * len(names)
                     cells += [_cell(query.metrics.get(name)) for name in names]
                     lines.append("\t".join(cells))
-        _write_atomically(Path(path), "\n".join(lines) + "\n")
+        atomic_write_text(Path(path), "\n".join(lines) + "\n")
 
 
 def _cell(value: float | None) -> str:
     return "" if value is None else f"{value:.6f}"
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="\n") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 # --------------------------------------------------------------------------------------------
@@ -312,8 +304,8 @@ def evaluate(
     scores: str | os.PathLike[str] | None = None,
     baseline: str | os.PathLike[str] | None = None,
     baseline_scores: str | os.PathLike[str] | None = None,
-    options: ScorerOptions | Mapping[str, Any] | None = None,
-    baseline_options: ScorerOptions | Mapping[str, Any] | None = None,
+    options: ModelOptions | Mapping[str, Any] | None = None,
+    baseline_options: ModelOptions | Mapping[str, Any] | None = None,
     recall_at: Sequence[int] = (5, 10),
     bootstrap_samples: int = 1000,
     bootstrap_seed: int = 0,
@@ -333,7 +325,7 @@ def evaluate(
             (:func:`colbertkit.runs.read_run`); needs ``qrels``.
         baseline / baseline_scores: a second checkpoint (scores ``data``) or scores file,
             compared with the first on the same queries.
-        options: how checkpoints are loaded and run (:class:`ScorerOptions`).
+        options: how checkpoints are loaded and run (:class:`ModelOptions`).
         baseline_options: the same for ``baseline``; default ``options`` without ``fresh_head``
             and ``colbert_dim`` (those describe the first checkpoint's head).
         recall_at: the k of each Recall@k.
@@ -347,15 +339,15 @@ def evaluate(
         InputError: a line of an input file is malformed (file, line and fix in the message).
     """
     say = log or (lambda _line: None)
-    options = _scorer_options(options, "options")
+    options = _model_options(options)
     if baseline_options is None:
         baseline_options = options.model_copy(update={"fresh_head": False, "colbert_dim": None})
-    baseline_options = _scorer_options(baseline_options, "baseline_options")
+    baseline_options = _model_options(baseline_options)
     _check_arguments(checkpoint, data, qrels, scores, baseline, baseline_scores)
     if not recall_at or min(recall_at) < 1:
-        raise UsageError(f"recall_at {list(recall_at)}: give one or more k of at least 1")
+        raise UsageError(f"`recall_at` {list(recall_at)}: give one or more k of at least 1")
     if bootstrap_samples < 1:
-        raise UsageError(f"bootstrap_samples {bootstrap_samples}: must be at least 1")
+        raise UsageError(f"`bootstrap_samples` {bootstrap_samples}: must be at least 1")
 
     from colbertkit.runs import read_qrels
 
@@ -417,39 +409,42 @@ def evaluate(
     return report
 
 
-def _scorer_options(value: ScorerOptions | Mapping[str, Any] | None, name: str) -> ScorerOptions:
-    if isinstance(value, ScorerOptions):
+def _model_options(value: ModelOptions | Mapping[str, Any] | None) -> ModelOptions:
+    if isinstance(value, ModelOptions):
         return value
-    try:
-        return ScorerOptions.model_validate(dict(value or {}))
-    except ValidationError as error:
-        first = error.errors()[0]
-        where = ".".join(str(part) for part in first["loc"])
-        raise UsageError(f"{name}.{where}: {first['msg']}") from None
+    return validate_options(ModelOptions, **dict(value or {}))
 
 
 def _check_arguments(
     checkpoint: Any, data: Any, qrels: Any, scores: Any, baseline: Any, baseline_scores: Any
 ) -> None:
-    if (checkpoint is None) == (scores is None):
+    if checkpoint is not None and scores is not None:
         raise UsageError(
-            "give a checkpoint (with data to score) or a scores file, not both"
-            if checkpoint is not None
-            else "nothing to evaluate: give a checkpoint and data, or a scores file"
+            "`scores` evaluates scores made elsewhere, without a model: give `checkpoint` and "
+            "`data`, or `scores`, not both"
+        )
+    if checkpoint is None and scores is None:
+        raise UsageError(
+            "nothing to evaluate: give `checkpoint` and `data` (eval rows, or pairs with "
+            "`qrels`), or `scores` with `qrels`"
         )
     if baseline is not None and baseline_scores is not None:
-        raise UsageError("give baseline or baseline_scores, not both")
-    if (checkpoint is not None or baseline is not None) and data is None:
-        raise UsageError("a checkpoint needs data to score: eval rows (jsonl) or a pairs TSV")
-    if (scores is not None or baseline_scores is not None) and qrels is None:
-        raise UsageError("a scores file needs qrels to judge it")
-    if scores is not None and data is not None and baseline is None:
-        raise UsageError("data is only read to be scored by a checkpoint; drop it with scores")
+        raise UsageError("give `baseline` or `baseline_scores`, not both")
+    if checkpoint is not None and data is None:
+        raise UsageError("`checkpoint` needs `data` to score: eval rows (jsonl) or a pairs TSV")
+    if baseline is not None and data is None:
+        raise UsageError(
+            "`baseline` needs `data` to score; to compare a checkpoint with `scores`, evaluate "
+            "the checkpoint on the pairs and give the scores file as `baseline_scores`"
+        )
+    for name, value in (("scores", scores), ("baseline_scores", baseline_scores)):
+        if value is not None and qrels is None:
+            raise UsageError(f"`{name}` needs `qrels` to judge the scores")
 
 
 def _require(judged: Qrels | None) -> Qrels:
     if judged is None:  # _check_arguments makes this unreachable
-        raise UsageError("scores files need qrels to judge them")
+        raise UsageError("`scores` needs `qrels` to judge the scores")
     return judged
 
 
@@ -457,13 +452,13 @@ def _read_data(data: str | os.PathLike[str], judged: Qrels | None) -> _Candidate
     if _is_training_rows(data):
         if judged is not None:
             raise UsageError(
-                f"{data}: eval rows carry their labels (pos / neg); qrels go with a pairs "
+                f"{data}: eval rows carry their labels (pos / neg); `qrels` go with a pairs "
                 "TSV or scores files"
             )
         return _candidates_from_rows(data)
     if judged is None:
         raise UsageError(
-            f"{data}: a pairs TSV needs qrels to say which passages are relevant "
+            f"{data}: a pairs TSV needs `qrels` to say which passages are relevant "
             "(eval rows in the training format carry their own labels)"
         )
     return _candidates_from_pairs(data, judged)
@@ -540,7 +535,7 @@ def _candidates_from_pairs(path: str | os.PathLike[str], judged: Qrels) -> _Cand
     try:
         if not source.has_ids:
             raise UsageError(
-                f"{source.name}:1: 2 columns, no ids; qrels need "
+                f"{source.name}:1: 2 columns, no ids; `qrels` need "
                 "qid<TAB>query<TAB>pid<TAB>passage lines"
             )
         keys: list[tuple[str, str]] = []
@@ -585,7 +580,7 @@ def _raise_unknown(name: str, unknown: Mapping[str, int], qrels_path: str) -> No
 
 def _evaluate_checkpoint(
     checkpoint: str,
-    options: ScorerOptions,
+    options: ModelOptions,
     candidates: _Candidates,
     recall_at: Sequence[int],
     role: str,
@@ -654,8 +649,8 @@ def _progress(
 
 __all__ = [
     "EvaluationReport",
+    "ModelOptions",
     "QueryResult",
-    "ScorerOptions",
     "SystemResult",
     "compare",
     "evaluate",

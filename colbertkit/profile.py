@@ -12,7 +12,6 @@ command runs in, as with the reference's shell scripts.
 from __future__ import annotations
 
 import contextlib
-import difflib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,8 +19,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from colbertkit.errors import UsageError
-from colbertkit.train_config import _FAMILIAR_NAMES, TrainConfig, describe_validation_error
+from colbertkit.errors import UsageError, describe_validation_error, unknown_key_hint
+from colbertkit.train_config import FAMILIAR_NAMES, TrainConfig
 
 # Settings of TrainConfig that the launcher fills in from the distributed section.
 LAUNCHER_SETTINGS = frozenset({"expected_num_processes", "validate_data"})
@@ -224,13 +223,11 @@ def _check_keys(settings: Mapping[str, Any], path: Path | None) -> None:
             if key in known:
                 continue
             # Names from the reference scripts and HF's Trainer map to ours (learning_rate -> lr).
-            candidates = sorted(known | (set(_FAMILIAR_NAMES) if not prefix else set()))
-            nearest = difflib.get_close_matches(str(key), candidates, n=1, cutoff=0.5)
-            nearest = [_FAMILIAR_NAMES.get(name, name) for name in nearest]
+            nearest = unknown_key_hint(str(key), known, FAMILIAR_NAMES if not prefix else None)
             if key in LAUNCHER_SETTINGS:
                 hint = "colbertkit train sets it itself"
             elif nearest:
-                hint = f"did you mean '{prefix}{nearest[0]}'?"
+                hint = f"did you mean '{prefix}{nearest}'?"
             else:
                 hint = "see the bundled profiles in configs/ for the settings"
             raise UsageError(f"{where}unknown setting '{prefix}{key}' ({hint})")

@@ -21,12 +21,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from pydantic import BaseModel, Field
 from torch.nn.utils.rnn import pad_sequence
 
-from colbertkit.errors import UsageError
+from colbertkit import defaults
+from colbertkit.collate import length_sorted_chunks, tokenize
+from colbertkit.errors import UsageError, validate_options
+from colbertkit.precision import DTYPE_NAMES, torch_dtype
 from colbertkit.scoring import maxsim_pairs
 
-DEFAULT_BATCH_SIZE = 32
+DEFAULT_BATCH_SIZE = defaults.ENCODE_BATCH_SIZE
 DEFAULT_WINDOW = 4096  # pairs whose distinct texts are encoded together
 
 
@@ -42,24 +46,30 @@ def pick_device(requested: str = "auto") -> torch.device:
         device = torch.device(requested)
     except RuntimeError:
         raise UsageError(
-            f"--device {requested}: not a device (use auto, cpu, cuda, cuda:N or mps)"
+            f"`device` {requested}: not a device (use auto, cpu, cuda, cuda:N or mps)"
         ) from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {requested}: CUDA is not available here; use --device cpu")
+        raise UsageError(f"`device` {requested}: CUDA is not available here; use `device=cpu`")
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise UsageError(f"--device {requested}: MPS is not available here; use --device cpu")
+        raise UsageError(f"`device` {requested}: MPS is not available here; use `device=cpu`")
     return device
 
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name not in DTYPES:
-        raise UsageError(f"--dtype {name}: use one of {', '.join(DTYPES)}")
+    if name not in DTYPE_NAMES:
+        raise UsageError(f"`dtype` {name}: use one of {', '.join(DTYPE_NAMES)}")
     if name == "fp16" and device.type == "cpu":
-        raise UsageError("--dtype fp16 is not supported on CPU; use bf16 or fp32")
-    return DTYPES[name]
+        raise UsageError("`dtype=fp16` is not supported on CPU; use bf16 or fp32")
+    return torch_dtype(name)
+
+
+class ScorerOptions(BaseModel):
+    """The checked options of :class:`PairScorer`."""
+
+    query_max_len: int = Field(ge=2, description="CLS + at least one token")
+    passage_max_len: int = Field(ge=2, description="CLS + at least one token")
+    batch_size: int = Field(default=DEFAULT_BATCH_SIZE, ge=1)
+    window: int = Field(default=DEFAULT_WINDOW, ge=1)
 
 
 @dataclass
@@ -84,21 +94,27 @@ class PairScorer:
         batch_size: int = DEFAULT_BATCH_SIZE,
         pad_floor: bool = False,
         window: int = DEFAULT_WINDOW,
+        encode: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+        | None = None,
     ) -> None:
-        if batch_size < 1:
-            raise UsageError(f"--batch-size {batch_size}: must be at least 1")
-        if query_max_len < 2 or passage_max_len < 2:
-            raise UsageError(
-                "--query-max-len and --passage-max-len must be at least 2 (CLS + one token)"
-            )
+        options = validate_options(
+            ScorerOptions,
+            query_max_len=query_max_len,
+            passage_max_len=passage_max_len,
+            batch_size=batch_size,
+            window=window,
+        )
         self.model = model
         self.tokenizer = tokenizer
-        self.query_max_len = query_max_len
-        self.passage_max_len = passage_max_len
-        self.batch_size = batch_size
-        self.window = window
+        self.query_max_len = options.query_max_len
+        self.passage_max_len = options.passage_max_len
+        self.batch_size = options.batch_size
+        self.window = options.window
+        # What runs a forward: the model itself, or e.g. a trainer's FSDP-wrapped module.
+        self.forward = encode or model
+        self.inference_mode = encode is None
         # The reference's padded passages hold passage_max_len - 1 vectors after CLS.
-        self.pad_to_length = passage_max_len - 1 if pad_floor else None
+        self.pad_to_length = self.passage_max_len - 1 if pad_floor else None
         self.device = next(model.parameters()).device
         # Tensor cores want lengths in multiples of 8; on CPU any extra token is waste.
         self.length_multiple = 8 if self.device.type == "cuda" else 1
@@ -106,50 +122,40 @@ class PairScorer:
     # --- encoding -------------------------------------------------------------------------
 
     def tokenize(self, texts: Sequence[str], max_len: int) -> list[list[int]]:
-        if not texts:
-            return []  # the fast tokenizer fails on an empty batch
-        return self.tokenizer(
-            list(texts),
-            truncation=True,
-            max_length=max_len,
-            add_special_tokens=True,
-            return_attention_mask=False,
-            return_token_type_ids=False,
-        )["input_ids"]
+        return tokenize(self.tokenizer, texts, max_len)
 
     def _encode_batches(self, texts: Sequence[str], max_len: int) -> Iterator[_Encoded]:
         """Encode ``texts`` longest first, in batches padded to their own longest text."""
-        token_ids = self.tokenize(texts, max_len)
-        order = sorted(range(len(texts)), key=lambda i: len(token_ids[i]), reverse=True)
-        pad_id = self.tokenizer.pad_token_id or 0
-        for start in range(0, len(order), self.batch_size):
-            indices = order[start : start + self.batch_size]
-            longest = len(token_ids[indices[0]])
-            width = -(-longest // self.length_multiple) * self.length_multiple
-            input_ids = torch.full((len(indices), width), pad_id, dtype=torch.long)
-            attention_mask = torch.zeros((len(indices), width), dtype=torch.long)
-            for row, index in enumerate(indices):
-                ids = token_ids[index]
-                input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-                attention_mask[row, : len(ids)] = 1
-            embeddings, mask = self.model(
-                input_ids.to(self.device), attention_mask.to(self.device)
+        chunks = length_sorted_chunks(
+            self.tokenize(texts, max_len),
+            chunk_size=self.batch_size,
+            pad_id=self.tokenizer.pad_token_id or 0,
+            multiple_of=self.length_multiple,
+        )
+        for chunk in chunks:
+            chunk = chunk.to(self.device)
+            embeddings, mask = self.forward(
+                chunk.input_ids, chunk.attention_mask
             )  # (B, L-1, D), (B, L-1)
-            yield _Encoded(indices, embeddings, mask)
+            yield _Encoded(chunk.positions.tolist(), embeddings, mask)
 
-    @torch.inference_mode()
+    def _no_grad(self) -> Any:
+        # inference_mode is the faster; a trainer's FSDP module needs plain no_grad (inference
+        # tensors must not reach the parameters it all-gathers and trains afterwards).
+        return torch.inference_mode() if self.inference_mode else torch.no_grad()
+
     def encode(self, texts: Sequence[str], max_len: int) -> list[torch.Tensor]:
         """Real token vectors of each text: a list of (n_i - 1, D) float32 tensors."""
         out: list[torch.Tensor] = [torch.empty(0)] * len(texts)
-        for batch in self._encode_batches(texts, max_len):
-            lengths = batch.mask.sum(dim=1).tolist()
-            for row, index in enumerate(batch.indices):
-                out[index] = batch.embeddings[row, : lengths[row]].clone()
+        with self._no_grad():
+            for batch in self._encode_batches(texts, max_len):
+                lengths = batch.mask.sum(dim=1).tolist()
+                for row, index in enumerate(batch.indices):
+                    out[index] = batch.embeddings[row, : lengths[row]].clone()
         return out
 
     # --- scoring --------------------------------------------------------------------------
 
-    @torch.inference_mode()
     def score(
         self,
         pairs: Iterable[tuple[str, str]],
@@ -159,7 +165,8 @@ class PairScorer:
         iterator = iter(pairs)
         query_cache: dict[str, torch.Tensor] = {}
         while window := list(itertools.islice(iterator, self.window)):
-            scores, query_cache = self._score_window(window, query_cache, progress)
+            with self._no_grad():
+                scores, query_cache = self._score_window(window, query_cache, progress)
             yield from scores
 
     def _score_window(

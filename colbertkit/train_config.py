@@ -9,18 +9,18 @@ when training starts).
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from colbertkit.errors import UsageError
+from colbertkit import defaults
+from colbertkit.errors import UsageError, describe_validation_error, unknown_key_hint
 from colbertkit.metrics import metric_names
 
 # Names users bring from the reference scripts and Hugging Face's Trainer.
-_FAMILIAR_NAMES = {
+FAMILIAR_NAMES = {
     "learning_rate": "lr",
     "num_train_epochs": "epochs",
     "train_batch_size": "batch_size",
@@ -88,8 +88,8 @@ class TrainConfig(BaseModel):
     trust_remote_code: bool = False
 
     # -- examples -----------------------------------------------------------------------------
-    query_max_len: int = Field(default=128, ge=2, le=8192)
-    passage_max_len: int = Field(default=512, ge=2, le=8192)
+    query_max_len: int = Field(default=defaults.QUERY_MAX_LEN, ge=2, le=8192)
+    passage_max_len: int = Field(default=defaults.PASSAGE_MAX_LEN, ge=2, le=8192)
     neg_nums: int = Field(default=15, ge=0, description="Hard negatives per example.")
     negatives_sampling: Literal["per_epoch", "once"] = Field(
         default="per_epoch",
@@ -200,11 +200,9 @@ class TrainConfig(BaseModel):
             known = set(cls.model_fields)
             for key in data:
                 if key not in known:
-                    nearest = difflib.get_close_matches(str(key), sorted(known), n=1, cutoff=0.5)
-                    if str(key) in _FAMILIAR_NAMES:
-                        nearest = [_FAMILIAR_NAMES[str(key)]]
+                    nearest = unknown_key_hint(str(key), known, FAMILIAR_NAMES)
                     hint = (
-                        f"did you mean '{nearest[0]}'?"
+                        f"did you mean '{nearest}'?"
                         if nearest
                         else "the settings are listed in colbertkit.TrainConfig"
                     )
@@ -264,11 +262,12 @@ def load_train_config(settings: TrainConfig | Mapping[str, Any]) -> TrainConfig:
         ) from None
 
 
-def describe_validation_error(error: ValidationError) -> str:
-    """``setting: message; setting: message`` for each problem pydantic found."""
-    problems = []
-    for item in error.errors():
-        where = ".".join(str(part) for part in item["loc"])
-        message = item["msg"].removeprefix("Value error, ")
-        problems.append(f"{where}: {message}" if where else message)
-    return "; ".join(problems)
+def resume_conflicts(saved: Mapping[str, Any], config: TrainConfig) -> list[str]:
+    """Settings of ``config`` that differ from the ``saved`` settings of the run being resumed
+    and would change its result (``"lr: 2e-05 -> 1e-05"``); empty when resuming is sound."""
+    current = config.model_dump(mode="json")
+    return [
+        f"{key}: {saved.get(key)!r} -> {current[key]!r}"
+        for key in sorted(current)
+        if key not in RESUMABLE_CHANGES and saved.get(key) != current[key]
+    ]

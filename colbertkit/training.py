@@ -17,11 +17,7 @@ files, prints and logs.
 
 from __future__ import annotations
 
-import json
-import math
 import os
-import re
-import shutil
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -33,15 +29,27 @@ from typing import Any
 import torch
 from torch import nn
 
-from colbertkit import __version__
+from colbertkit.checkpoint.layouts import library_versions
+from colbertkit.checkpoint.run import (
+    BEST_MODEL_DIR,
+    CONFIG_FILE,
+    FINAL_MODEL_DIR,
+    REFERENCE_MODEL_DIR,
+    STATE_DICT_PREFIX,
+    prepare_run_directory,
+    read_trainer_state,
+    resume_checkpoint,
+    save_training_state,
+    write_json,
+)
 from colbertkit.collate import (
     Collator,
     TokenizedBatch,
     epoch_examples,
     length_sorted_chunks,
-    process_batches,
 )
-from colbertkit.errors import ColbertkitError, UsageError
+from colbertkit.data import process_batches, steps_per_epoch
+from colbertkit.errors import UsageError
 from colbertkit.losses import (
     contrastive_loss,
     gather_passages,
@@ -49,16 +57,7 @@ from colbertkit.losses import (
     grouped_positive_columns,
     plain_backward,
 )
-from colbertkit.train_config import RESUMABLE_CHANGES, TrainConfig, load_train_config
-
-CHECKPOINTS_DIR = "checkpoints"
-FINAL_MODEL_DIR = "model"
-REFERENCE_MODEL_DIR = "model-reference"
-BEST_MODEL_DIR = "best"
-CONFIG_FILE = "train_config.json"
-TRAINER_STATE_FILE = "trainer_state.json"
-_CHECKPOINT_NAME = re.compile(r"^step-(\d+)$")
-
+from colbertkit.train_config import TrainConfig, load_train_config, resume_conflicts
 
 # --------------------------------------------------------------------------------------------
 # Public API
@@ -125,11 +124,13 @@ def train(config: TrainConfig | Mapping[str, Any]) -> TrainResult:
 
     # -- output directory and resumption -------------------------------------------------------
     output_dir = Path(config.output_dir)
-    resume_dir = _resume_checkpoint(config, output_dir)
+    resume_dir = resume_checkpoint(output_dir, config.resume_from)
     progress = Progress()
     if resume_dir is not None:
-        progress = _read_trainer_state(resume_dir, config, world_size)
+        progress = _resumed_progress(resume_dir, config, world_size)
     accelerator.wait_for_everyone()  # every process checked the directory before anyone writes
+    if main:
+        prepare_run_directory(output_dir, resume=resume_dir is not None)
 
     # -- data ----------------------------------------------------------------------------------
     if config.validate_data:
@@ -160,10 +161,13 @@ def train(config: TrainConfig | Mapping[str, Any]) -> TrainResult:
     model.train()
 
     if main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        _write_json(
+        write_json(
             output_dir / CONFIG_FILE,
-            {"config": config.model_dump(mode="json"), "plan": plan, "versions": _versions()},
+            {
+                "config": config.model_dump(mode="json"),
+                "plan": plan,
+                "versions": library_versions(),
+            },
         )
     for note in model_notes:
         console.print(note)
@@ -184,7 +188,7 @@ def train(config: TrainConfig | Mapping[str, Any]) -> TrainResult:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     multiple_of = config.pad_to_multiple_of or (8 if accelerator.device.type == "cuda" else 1)
     evaluator = (
-        _Evaluator(eval_rows, tokenizer, config, accelerator, pad_id, multiple_of)
+        _Evaluator(eval_rows, tokenizer, config, accelerator, multiple_of)
         if eval_rows
         else None
     )
@@ -288,9 +292,7 @@ def train(config: TrainConfig | Mapping[str, Any]) -> TrainResult:
             if (config.save_steps and progress.step % config.save_steps == 0) or (
                 end_of_epoch and config.save_each_epoch and progress.step < total_steps
             ):
-                save_training_checkpoint(
-                    accelerator, model, progress, config, output_dir, tokenizer=tokenizer
-                )
+                _save_checkpoint(accelerator, model, progress, config, tokenizer)
             if end_of_epoch:
                 break
 
@@ -507,20 +509,18 @@ def _read_rows(path: Path, *, require_negatives: bool) -> list[Any]:
 
 
 def _load_model(config: TrainConfig) -> tuple[nn.Module, Any, list[str]]:
-    from colbertkit.checkpoint import detect_layout, load_checkpoint, resolve_checkpoint
+    """The model to fine-tune, from any checkpoint form; a bare encoder gets a fresh head."""
+    from colbertkit.checkpoint.build import colbert_from_source
+    from colbertkit.checkpoint.sources import open_checkpoint
 
-    layout = detect_layout(resolve_checkpoint(config.model))
-    fresh = config.fresh_head or layout.kind == "encoder"
-    loaded = load_checkpoint(
-        config.model,
+    source = open_checkpoint(config.model, trust_remote_code=config.trust_remote_code)
+    colbert, tokenizer, notes = colbert_from_source(
+        source,
+        fresh_head=config.fresh_head or source.head is None,
         colbert_dim=config.colbert_dim,
-        fresh_head=fresh,
         seed=config.seed,
-        trust_remote_code=config.trust_remote_code,
     )
-    if loaded.model.colbert_dim is None:  # pragma: no cover - load_checkpoint always sets a head
-        raise ColbertkitError(f"{config.model}: no ColBERT head")
-    return loaded.model, loaded.tokenizer, loaded.notes
+    return colbert, tokenizer, [f"found {source.description}: {source.form}", *notes]
 
 
 def _freeze_unused_parameters(colbert: nn.Module) -> list[str]:
@@ -604,14 +604,15 @@ def plan_training(
         num_examples = sum(
             len(row.pos) for row in _read_rows(config.dataset, require_negatives=False)
         )
-    batches_per_epoch = len(process_batches(num_examples, config.batch_size, world_size, 0))
-    if batches_per_epoch == 0:
+    steps = steps_per_epoch(
+        num_examples, config.batch_size, world_size, config.gradient_accumulation_steps
+    )
+    if steps == 0:
         raise UsageError(
             f"{config.dataset}: {num_examples} examples cannot fill one batch of "
             f"{config.batch_size} x {world_size} processes; lower batch_size or add data"
         )
-    steps_per_epoch = math.ceil(batches_per_epoch / config.gradient_accumulation_steps)
-    total_steps = config.max_steps or config.epochs * steps_per_epoch
+    total_steps = config.max_steps or config.epochs * steps
     warmup_steps = int(config.warmup_proportion * total_steps)
     per_process = config.batch_size
     negatives = per_process * config.neg_nums
@@ -627,7 +628,7 @@ def plan_training(
         "global_batch_size": per_process * world_size,
         "effective_batch_size": per_process * world_size * config.gradient_accumulation_steps,
         "negatives_per_query": negatives,
-        "steps_per_epoch": steps_per_epoch,
+        "steps_per_epoch": steps,
         "total_steps": total_steps,
         "warmup_steps": warmup_steps,
         "large_batch_by": ("gradient caching" if config.grad_cache else "none")
@@ -648,153 +649,50 @@ def _describe_plan(plan: Mapping[str, Any], resume_dir: Path | None, progress: P
     return text
 
 
-def _versions() -> dict[str, str]:
-    import accelerate
-    import transformers
-
-    return {
-        "colbertkit": __version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "accelerate": accelerate.__version__,
-    }
-
-
 # --------------------------------------------------------------------------------------------
-# Checkpoints
+# Checkpoints and models (their formats are colbertkit.checkpoint's)
 # --------------------------------------------------------------------------------------------
 
 
-def list_checkpoints(output_dir: Path) -> list[Path]:
-    """Complete training checkpoints of a run, oldest first (temporary directories excluded)."""
-    root = Path(output_dir) / CHECKPOINTS_DIR
-    if not root.is_dir():
-        return []
-    found = [
-        (int(match.group(1)), path)
-        for path in root.iterdir()
-        if (match := _CHECKPOINT_NAME.match(path.name)) and (path / TRAINER_STATE_FILE).is_file()
-    ]
-    return [path for _, path in sorted(found)]
-
-
-def save_training_checkpoint(
-    accelerator: Any,
-    model: nn.Module,
-    progress: Progress,
-    config: TrainConfig,
-    output_dir: Path,
-    *,
-    tokenizer: Any = None,
+def _save_checkpoint(
+    accelerator: Any, model: nn.Module, progress: Progress, config: TrainConfig, tokenizer: Any
 ) -> Path:
-    """Write the full training state to ``checkpoints/step-N``, atomically, then rotate.
-
-    Layout (accelerate's ``save_state`` plus two of ours)::
-
-        model.safetensors        ChunkEncoder state: colbert.encoder.*, colbert.head.{weight,bias}
-                                 (FSDP: accelerate's sharded pytorch_model_fsdp_0/ instead)
-        optimizer.bin, scheduler.bin, random_states_<rank>.pkl   (plain tensors, no code)
-        trainer_state.json       progress (step, epoch, batch), world size, config, versions,
-                                 and what rebuilding the model needs (colbert_dim, lengths)
-        base/                    config.json + tokenizer files of the encoder, so a checkpoint
-                                 can be exported without the base model
-
-    Every process takes part (FSDP gathers state, each process writes its RNG state); the main
-    process renames the finished temporary directory into place, so the newest ``step-N`` is
-    always complete: a crash before the rename leaves only a ``.step-N.tmp`` that resuming
-    ignores and the next save removes.
-    """
-    root = output_dir / CHECKPOINTS_DIR
-    name = f"step-{progress.step:08d}"
-    target, tmp = root / name, root / f".{name}.tmp"
-    if accelerator.is_main_process:
-        root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob(".step-*.tmp"):
-            shutil.rmtree(stale, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    try:
-        accelerator.save_state(str(tmp), safe_serialization=True)
-        if accelerator.is_main_process:
-            colbert = accelerator.unwrap_model(model).colbert
-            state = {
-                "progress": asdict(progress),
-                "world_size": accelerator.num_processes,
-                "config": config.model_dump(mode="json"),
-                "model": {
-                    "state_dict_prefix": "colbert.",
-                    "colbert_dim": colbert.head.out_features,
-                    "hidden_size": colbert.head.in_features,
-                    "query_max_len": config.query_max_len,
-                    "passage_max_len": config.passage_max_len,
-                },
-                "versions": _versions(),
-            }
-            colbert.encoder.config.save_pretrained(str(tmp / "base"))
-            if tokenizer is not None:
-                tokenizer.save_pretrained(str(tmp / "base"))
-            # Written last: its presence marks a complete checkpoint (list_checkpoints).
-            _write_json(tmp / TRAINER_STATE_FILE, state)
-    except BaseException:
-        if accelerator.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if target.exists():  # a resumed run saving the same step again
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-        _rotate(output_dir, config.num_max_checkpoints)
-    accelerator.wait_for_everyone()
-    return target
-
-
-def _rotate(output_dir: Path, keep: int | None) -> None:
-    if keep is None:
-        return
-    for old in list_checkpoints(output_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _resume_checkpoint(config: TrainConfig, output_dir: Path) -> Path | None:
-    """The checkpoint to resume from, or None for a fresh run (refusing to clobber an old one)."""
-    if config.resume_from is None:
-        existing = list_checkpoints(output_dir)
-        if existing or (output_dir / FINAL_MODEL_DIR).exists():
-            raise UsageError(
-                f"{output_dir} already holds a training run; resume it with "
-                "resume_from='latest' (--resume) or choose an empty output_dir"
-            )
-        return None
-    if config.resume_from == "latest":
-        existing = list_checkpoints(output_dir)
-        if not existing:
-            raise UsageError(
-                f"resume_from='latest' but {output_dir / CHECKPOINTS_DIR} holds no complete "
-                "checkpoint; start without resume_from or point it at a checkpoint directory"
-            )
-        return existing[-1]
-    path = Path(config.resume_from)
-    if not (path / TRAINER_STATE_FILE).is_file():
-        raise UsageError(
-            f"resume_from: {path} is not a training checkpoint (no {TRAINER_STATE_FILE}); "
-            f"use 'latest' or a directory under {output_dir / CHECKPOINTS_DIR}"
-        )
-    return path
-
-
-def _read_trainer_state(checkpoint: Path, config: TrainConfig, world_size: int) -> Progress:
-    try:
-        state = json.loads((checkpoint / TRAINER_STATE_FILE).read_text())
-        progress = Progress(**state["progress"])
-    except (ValueError, KeyError, TypeError) as error:
-        raise UsageError(f"{checkpoint / TRAINER_STATE_FILE}: unreadable ({error})") from error
-    saved = state.get("config", {})
-    current = config.model_dump(mode="json")
-    changed = sorted(
-        key for key in current if key not in RESUMABLE_CHANGES and saved.get(key) != current[key]
+    """The full training state at this step, with what resuming and loading need to know."""
+    colbert = accelerator.unwrap_model(model).colbert
+    state = {
+        "progress": asdict(progress),
+        "world_size": accelerator.num_processes,
+        "config": config.model_dump(mode="json"),
+        "model": {
+            "state_dict_prefix": STATE_DICT_PREFIX,
+            "colbert_dim": colbert.head.out_features,
+            "hidden_size": colbert.head.in_features,
+            "query_max_len": config.query_max_len,
+            "passage_max_len": config.passage_max_len,
+        },
+        "versions": library_versions(),
+    }
+    return save_training_state(
+        accelerator,
+        Path(config.output_dir),
+        progress.step,
+        state,
+        encoder_config=colbert.encoder.config,
+        tokenizer=tokenizer,
+        keep=config.num_max_checkpoints,
     )
+
+
+def _resumed_progress(checkpoint: Path, config: TrainConfig, world_size: int) -> Progress:
+    """The data position to continue from, if the run's settings allow resuming at all."""
+    state = read_trainer_state(checkpoint)
+    try:
+        progress = Progress(**state["progress"])
+    except TypeError as error:
+        raise UsageError(f"{checkpoint}: unreadable training progress ({error})") from error
+    changed = resume_conflicts(state.get("config", {}), config)
     if changed:
-        details = ", ".join(f"{key}: {saved.get(key)!r} -> {current[key]!r}" for key in changed)
+        details = ", ".join(changed)
         raise UsageError(
             f"cannot resume {checkpoint}: settings differ from the run that wrote it ({details}); "
             "restore them or start a new run in another output_dir"
@@ -812,24 +710,32 @@ def _consolidated_colbert(accelerator: Any, model: nn.Module) -> nn.Module | Non
     """The full ColBERT module to write (on the main process; None elsewhere).
 
     Under FSDP the parameters are sharded: gather a full state dict (a collective, so every
-    process calls this) and load it into an unsharded copy on the main process.
+    process calls this) and build an unsharded copy from it on the main process.
     """
     from accelerate.utils import DistributedType
+
+    from colbertkit.checkpoint.build import build_colbert
 
     if accelerator.distributed_type != DistributedType.FSDP:
         return accelerator.unwrap_model(model).colbert if accelerator.is_main_process else None
     state = accelerator.get_state_dict(model)
     if not accelerator.is_main_process:
         return None
-    from transformers import AutoModel
-
-    from colbertkit.model import ColBERT
-
     sharded = accelerator.unwrap_model(model).colbert
-    encoder = AutoModel.from_config(sharded.encoder.config)
-    head = nn.Linear(sharded.head.in_features, sharded.head.out_features)
-    colbert = ColBERT(encoder, head)
-    colbert.load_state_dict({key.removeprefix("colbert."): value for key, value in state.items()})
+    encoder_prefix, head_prefix = STATE_DICT_PREFIX + "encoder.", STATE_DICT_PREFIX + "head."
+    encoder_tensors = [
+        (name.removeprefix(encoder_prefix), lambda value=value: value)
+        for name, value in state.items()
+        if name.startswith(encoder_prefix)
+    ]
+    head_state = {
+        name.removeprefix(head_prefix): value
+        for name, value in state.items()
+        if name.startswith(head_prefix)
+    }
+    colbert = build_colbert(sharded.encoder.config, encoder_tensors, head_state)
+    if colbert is None:
+        raise UsageError("the gathered FSDP state does not match the encoder's parameter names")
     return colbert
 
 
@@ -844,7 +750,10 @@ def _save_final_model(
     reference_dir: Path | None = None,
 ) -> None:
     """Write the model in colbertkit's layout (and optionally the reference layout)."""
-    from colbertkit.checkpoint import atomic_directory, save_checkpoint, write_reference_head
+    from colbertkit.checkpoint.build import save_checkpoint
+    from colbertkit.checkpoint.files import atomic_directory
+    from colbertkit.checkpoint.layouts import HEAD_PICKLE, quiet_transformers
+    from colbertkit.checkpoint.tensors import write_reference_head
 
     accelerator.wait_for_everyone()
     colbert = _consolidated_colbert(accelerator, model)
@@ -859,17 +768,11 @@ def _save_final_model(
             overwrite=True,
         )
         if reference_dir is not None:
-            with atomic_directory(reference_dir) as tmp:
+            with atomic_directory(reference_dir) as tmp, quiet_transformers():
                 colbert.encoder.save_pretrained(str(tmp))
                 tokenizer.save_pretrained(str(tmp))
-                write_reference_head(colbert.head.state_dict(), tmp / "colbert_linear.pt")
+                write_reference_head(colbert.head.state_dict(), tmp / HEAD_PICKLE)
     accelerator.wait_for_everyone()
-
-
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -880,8 +783,10 @@ def _write_json(path: Path, data: Any) -> None:
 class _Evaluator:
     """Rerank each held-out query's ``pos + neg`` and average MRR@10, NDCG@10, Recall@k.
 
-    Rows are split across processes and the sums all-reduced. Under FSDP every process must
-    run the same forwards (each one is a collective), so there every process scores every row.
+    Scoring is the scorer's (:class:`colbertkit.scorer.PairScorer`: the same encode path and
+    MaxSim as ``colbertkit score``). Rows are split across processes and the sums all-reduced.
+    Under FSDP every process must run the same forwards (each one is a collective), so there
+    every process scores every row through the wrapped module.
     """
 
     def __init__(
@@ -890,79 +795,52 @@ class _Evaluator:
         tokenizer: Any,
         config: TrainConfig,
         accelerator: Any,
-        pad_id: int,
         multiple_of: int,
     ) -> None:
         from accelerate.utils import DistributedType
 
         self.accelerator = accelerator
         self.config = config
-        self.pad_id = pad_id
+        self.tokenizer = tokenizer
         self.multiple_of = multiple_of
         self.sharded_model = accelerator.distributed_type == DistributedType.FSDP
-        mine = (
+        self.rows = (
             rows
             if self.sharded_model
             else rows[accelerator.process_index :: accelerator.num_processes]
         )
-        collator = Collator(tokenizer, config.query_max_len, config.passage_max_len)
-        self.queries = collator.tokenize([row.query for row in mine], config.query_max_len)
-        self.candidates = [
-            collator.tokenize([*row.pos, *row.neg], config.passage_max_len) for row in mine
-        ]
-        self.relevance = [[True] * len(row.pos) + [False] * len(row.neg) for row in mine]
-        self.total_rows = len(rows)
-
-    def _encode(self, model: nn.Module, sequences: Sequence[Sequence[int]]) -> list[torch.Tensor]:
-        """Per sequence, its real-token embeddings (n_i - 1, D)."""
-        if not sequences:
-            return []
-        out: list[torch.Tensor | None] = [None] * len(sequences)
-        chunks = length_sorted_chunks(
-            sequences,
-            chunk_size=self.config.eval_batch_size,
-            pad_id=self.pad_id,
-            multiple_of=self.multiple_of,
-        )
-        for chunk in chunks:
-            chunk = chunk.to(self.accelerator.device)
-            embeddings, mask = model([(chunk.input_ids, chunk.attention_mask)])[0]
-            for row, position in enumerate(chunk.positions.tolist()):
-                out[position] = embeddings[row, : int(mask[row].sum())].float()
-        return out  # type: ignore[return-value]
 
     @torch.no_grad()
     def __call__(self, model: nn.Module) -> dict[str, float]:
         from colbertkit.metrics import ranking_metrics
-        from colbertkit.scoring import maxsim_matrix
+        from colbertkit.scorer import PairScorer
 
-        encoder = model if self.sharded_model else self.accelerator.unwrap_model(model)
-        was_training = encoder.training
-        encoder.eval()
+        module = model if self.sharded_model else self.accelerator.unwrap_model(model)
+        colbert = self.accelerator.unwrap_model(model).colbert
+        was_training = module.training
+        module.eval()
+        scorer = PairScorer(
+            colbert,
+            self.tokenizer,
+            query_max_len=self.config.query_max_len,
+            passage_max_len=self.config.passage_max_len,
+            batch_size=self.config.eval_batch_size,
+            encode=lambda input_ids, attention_mask: module([(input_ids, attention_mask)])[0],
+        )
+        scorer.length_multiple = self.multiple_of
+        pairs = [(row.query, passage) for row in self.rows for passage in (*row.pos, *row.neg)]
         names = self.config.metric_names()
         sums = torch.zeros(len(names) + 1, dtype=torch.float64)
         with self.accelerator.autocast():
-            query_vectors = self._encode(encoder, self.queries)
-            for query, candidates, relevance in zip(
-                query_vectors, self.candidates, self.relevance, strict=True
-            ):
-                passages = self._encode(encoder, candidates)
-                length = max(p.shape[0] for p in passages)
-                passages_embeddings = torch.stack(
-                    [nn.functional.pad(p, (0, 0, 0, length - p.shape[0])) for p in passages]
-                )  # (C, Lp, D)
-                passages_mask = torch.stack(
-                    [(torch.arange(length, device=p.device) < p.shape[0]).long() for p in passages]
-                )  # (C, Lp)
-                scores = maxsim_matrix(
-                    query[None], torch.ones(1, query.shape[0], device=query.device),
-                    passages_embeddings, passages_mask,
-                )[0]  # fmt: skip
-                metrics = ranking_metrics(scores.tolist(), relevance, self.config.recall_at)
+            scores = iter(scorer.score(pairs))
+            for row in self.rows:
+                relevance = [True] * len(row.pos) + [False] * len(row.neg)
+                row_scores = [next(scores) for _ in relevance]
+                metrics = ranking_metrics(row_scores, relevance, self.config.recall_at)
                 sums[:-1] += torch.tensor([metrics[name] for name in names], dtype=torch.float64)
                 sums[-1] += 1
         if was_training:
-            encoder.train()
+            module.train()
         if not self.sharded_model:
             sums = self.accelerator.reduce(sums.to(self.accelerator.device), "sum").cpu()
         count = max(float(sums[-1]), 1.0)

@@ -79,6 +79,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, Field
+
+from colbertkit import defaults
 from colbertkit.data import (
     DEFAULT_MAX_LINE_BYTES,
     ERROR_KINDS,
@@ -88,8 +91,9 @@ from colbertkit.data import (
     iter_raw_lines,
     open_data_file,
     parse_line,
+    steps_per_epoch,
 )
-from colbertkit.errors import CheckpointError, ColbertkitError, UsageError
+from colbertkit.errors import CheckpointError, ColbertkitError, UsageError, validate_options
 
 FORMAT_VERSION = 1
 DEFAULT_SAMPLE_LIMIT = 5
@@ -708,7 +712,7 @@ class _FileScan:
             "rows": report.rows,
             "examples": self.examples,
             "batch_size": batch_size,
-            "steps_per_epoch": math.ceil(self.examples / batch_size) if batch_size else None,
+            "steps_per_epoch": steps_per_epoch(self.examples, batch_size) if batch_size else None,
             "positives_per_row": self.positives_per_row.summary(),
             "negatives_per_row": self.negatives_per_row.summary(),
             "characters": {
@@ -763,14 +767,27 @@ def _share(count: int, total: int) -> dict[str, Any]:
     return {"count": count, "share": round(count / total, 4) if total else 0.0}
 
 
+class _ValidateOptions(BaseModel):
+    """The checked options of :func:`validate_dataset`."""
+
+    neg_nums: int | None = Field(default=None, ge=0)
+    batch_size: int | None = Field(default=None, ge=1)
+    query_max_len: int = Field(ge=2)
+    passage_max_len: int = Field(ge=2)
+    max_line_bytes: int = Field(ge=1)
+    sample_limit: int = Field(ge=0)
+    max_tracked_rows: int = Field(ge=1)
+    token_rows: int | None = Field(default=None, ge=1)
+
+
 def validate_dataset(
     path: str | os.PathLike[str],
     *,
     neg_nums: int | None = None,
     eval_path: str | os.PathLike[str] | None = None,
     tokenizer: Any = None,
-    query_max_len: int = 128,
-    passage_max_len: int = 512,
+    query_max_len: int = defaults.QUERY_MAX_LEN,
+    passage_max_len: int = defaults.PASSAGE_MAX_LEN,
     batch_size: int | None = None,
     require_negatives: bool | None = None,
     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
@@ -802,16 +819,17 @@ def validate_dataset(
     Raises:
         UsageError: a file is missing or a setting is invalid (the command cannot run).
     """
-    if neg_nums is not None and neg_nums < 0:
-        raise UsageError(f"neg_nums must be >= 0, got {neg_nums}")
-    if batch_size is not None and batch_size < 1:
-        raise UsageError(f"batch_size must be >= 1, got {batch_size}")
-    if query_max_len < 2 or passage_max_len < 2:
-        raise UsageError("query_max_len and passage_max_len must be >= 2 (CLS and SEP)")
-    if max_line_bytes < 1 or sample_limit < 0 or max_tracked_rows < 1:
-        raise UsageError("max_line_bytes and max_tracked_rows must be >= 1, sample_limit >= 0")
-    if token_rows is not None and token_rows < 1:
-        raise UsageError(f"token_rows must be >= 1, got {token_rows}")
+    validate_options(
+        _ValidateOptions,
+        neg_nums=neg_nums,
+        batch_size=batch_size,
+        query_max_len=query_max_len,
+        passage_max_len=passage_max_len,
+        max_line_bytes=max_line_bytes,
+        sample_limit=sample_limit,
+        max_tracked_rows=max_tracked_rows,
+        token_rows=token_rows,
+    )
     if require_negatives is None:
         require_negatives = neg_nums != 0
     paths = [Path(path)] + ([Path(eval_path)] if eval_path is not None else [])

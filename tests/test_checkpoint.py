@@ -61,7 +61,7 @@ def test_colbertkit_metadata_records_what_a_scorer_needs(colbertkit_dir):
     assert metadata["hidden_size"] == HIDDEN
     assert (metadata["query_max_len"], metadata["passage_max_len"]) == (32, 64)
     assert metadata["semantics"]["drop_cls"] is True
-    assert set(metadata["versions"]) == {"colbertkit", "transformers", "torch"}
+    assert {"colbertkit", "transformers", "torch"} <= set(metadata["versions"])
     loaded = load_checkpoint(colbertkit_dir)
     assert (loaded.query_max_len, loaded.passage_max_len) == (32, 64)
     assert not list(colbertkit_dir.glob("*.bin")) and not list(colbertkit_dir.glob("*.pt"))
@@ -73,13 +73,14 @@ def test_reference_defaults_lengths_to_128_and_512(reference_dir):
 
 
 def test_colbert_dim_flag_that_disagrees_with_the_head_names_both_numbers(reference_dir):
-    with pytest.raises(UsageError, match=rf"--colbert-dim 8 .*colbert_dim {COLBERT_DIM}"):
+    # The core names its parameter; the CLI turns `colbert_dim` into --colbert-dim.
+    with pytest.raises(UsageError, match=rf"`colbert_dim` 8 .*colbert_dim {COLBERT_DIM}"):
         load_checkpoint(reference_dir, colbert_dim=8)
     assert load_checkpoint(reference_dir, colbert_dim=COLBERT_DIM).model.colbert_dim == COLBERT_DIM
 
 
 def test_missing_head_is_an_error_unless_a_fresh_head_is_asked(encoder_dir):
-    with pytest.raises(CheckpointError, match=r"has no ColBERT head .*--fresh-head"):
+    with pytest.raises(CheckpointError, match=r"has no ColBERT head .*`fresh_head=True`"):
         load_checkpoint(encoder_dir)
     loaded = load_checkpoint(encoder_dir, fresh_head=True, colbert_dim=8, seed=3)
     assert loaded.model.colbert_dim == 8
@@ -112,7 +113,7 @@ def test_a_pickled_encoder_that_would_run_code_is_refused(reference_bin_dir, tmp
     exploit = _Exploit()
     exploit.marker = marker
     torch.save({"embeddings.word_embeddings.weight": exploit}, checkpoint / "pytorch_model.bin")
-    with pytest.raises(CheckpointError, match="cannot load the encoder"):
+    with pytest.raises(CheckpointError, match="refused to unpickle"):
         load_checkpoint(checkpoint)
     assert not marker.exists()
 

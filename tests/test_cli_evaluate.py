@@ -198,14 +198,17 @@ def test_pairs_from_stdin(workdir):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["ckpt"], "give CKPT and DATA"),
+        (["ckpt"], "CKPT needs DATA to score"),
         (["--scores", "bm25.tsv"], "--scores needs --qrels"),
-        (["ckpt", "eval.jsonl", "--scores", "bm25.tsv", "--qrels", "q"], "drop CKPT and DATA"),
+        (
+            ["ckpt", "eval.jsonl", "--scores", "bm25.tsv", "--qrels", "q"],
+            "give CKPT and DATA, or --scores, not both",
+        ),
         (
             ["--scores", "bm25.tsv", "--qrels", "qrels.tsv", "--baseline", "base"],
             "--baseline needs DATA to score",
         ),
-        (["ckpt", "pairs.tsv"], "pairs.tsv: a pairs TSV needs qrels"),
+        (["ckpt", "pairs.tsv"], "pairs.tsv: a pairs TSV needs --qrels"),
         (["ckpt", "eval.jsonl", "--qrels", "qrels.tsv"], "eval rows carry their labels"),
         (
             ["ckpt", "eval.jsonl", "--per-query", "no/dir/out.tsv"],

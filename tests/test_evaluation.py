@@ -307,25 +307,40 @@ def test_pairs_listed_twice_are_an_error(files):
 @pytest.mark.parametrize(
     ("arguments", "message"),
     [
-        ({}, "nothing to evaluate"),
-        ({"checkpoint": "c", "scores": "s.tsv", "qrels": "q"}, "not both"),
-        ({"checkpoint": "c"}, "a checkpoint needs data to score"),
-        ({"scores": "s.tsv"}, "a scores file needs qrels"),
-        ({"scores": "s", "qrels": "q", "baseline": "b", "baseline_scores": "b"}, "not both"),
-        ({"checkpoint": "c", "data": "d", "recall_at": [0]}, "recall_at [0]"),
-        ({"checkpoint": "c", "data": "d", "options": {"batch_sise": 2}}, "options.batch_sise"),
+        ({}, "nothing to evaluate: give `checkpoint` and `data`"),
+        (
+            {"checkpoint": "c", "scores": "s.tsv", "qrels": "q"},
+            "give `checkpoint` and `data`, or `scores`, not both",
+        ),
+        ({"checkpoint": "c"}, "`checkpoint` needs `data` to score"),
+        ({"scores": "s.tsv"}, "`scores` needs `qrels`"),
+        (
+            {"scores": "s", "qrels": "q", "baseline_scores": "b", "baseline": "b"},
+            "give `baseline` or `baseline_scores`, not both",
+        ),
+        ({"scores": "s", "qrels": "q", "baseline": "b"}, "`baseline` needs `data` to score"),
+        ({"checkpoint": "c", "data": "d", "recall_at": [0]}, "`recall_at` [0]"),
+        (
+            {"checkpoint": "c", "data": "d", "options": {"batch_sise": 2}},
+            "`batch_sise` 2: Extra inputs are not permitted",
+        ),
+        (
+            {"checkpoint": "c", "data": "d", "options": {"batch_size": 0}},
+            "`batch_size` 0: Input should be greater than or equal to 1",
+        ),
     ],
 )
 def test_arguments_that_do_not_fit_together(arguments, message):
-    with pytest.raises(UsageError, match=message.replace("[", r"\[")):
+    with pytest.raises(UsageError) as caught:
         evaluate(**arguments)
+    assert message in str(caught.value)
 
 
 def test_data_and_qrels_must_match_in_kind(files, eval_rows, tmp_path):
     qrels = files("qrels.tsv", QRELS)
     with pytest.raises(UsageError, match="eval rows carry their labels"):
         evaluate("c", eval_rows, qrels=qrels)
-    with pytest.raises(UsageError, match="a pairs TSV needs qrels"):
+    with pytest.raises(UsageError, match="a pairs TSV needs `qrels`"):
         evaluate("c", files("pairs.tsv", PAIRS))
     two_columns = files("two.tsv", "what is it\tit is this\n")
     with pytest.raises(UsageError, match=r"two.tsv:1: 2 columns, no ids"):

@@ -26,16 +26,15 @@ from safetensors.torch import load_file, save_file
 
 from colbertkit import export as export_module
 from colbertkit.checkpoint import detect_layout, load_checkpoint
+from colbertkit.checkpoint.sharded import load_dcp_metadata
+from colbertkit.checkpoint.tensors import TensorEntry, write_safetensors
 from colbertkit.errors import CheckpointError, UsageError
 from colbertkit.export import (
     SAMPLE_PAIRS,
     TOLERANCES,
     ExportError,
-    TensorEntry,
     VerificationError,
     export_model,
-    load_dcp_metadata,
-    write_safetensors,
 )
 from colbertkit.scorer import PairScorer
 from tests.conftest import COLBERT_DIM, HIDDEN
@@ -151,7 +150,7 @@ def test_colbertkit_layout_is_safetensors_with_metadata(reference_dir, tmp_path)
     assert (metadata["colbert_dim"], metadata["hidden_size"]) == (COLBERT_DIM, HIDDEN)
     assert (metadata["query_max_len"], metadata["passage_max_len"]) == (32, 64)
     assert metadata["semantics"]["drop_cls"] is True
-    assert set(metadata["versions"]) == {"colbertkit", "transformers", "torch"}
+    assert {"colbertkit", "transformers", "torch"} <= set(metadata["versions"])
     assert metadata["dtype"] == "fp32" and metadata["encoder_class"] == "BertModel"
     source = metadata["source"]
     assert source["kind"] == "reference" and source["path"] == str(reference_dir.resolve())
@@ -683,18 +682,29 @@ def test_a_pickle_that_would_run_code_is_refused_not_executed(
 
 def test_existing_output_is_kept_unless_force(reference_dir, tmp_path):
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "precious.txt").write_text("keep me")
-    with pytest.raises(UsageError, match=r"already exists; .*--force"):
-        export_model(reference_dir, out)
-    assert [p.name for p in out.iterdir()] == ["precious.txt"]
-    # With --force, a failed export still leaves the old directory as it was.
+    export_model(reference_dir, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(UsageError, match=r"already exists; .*`force=True`"):
+        export_model(reference_dir, out, format="reference")
+    # With force, a failed export still leaves the previous export as it was.
     with pytest.raises(VerificationError):
         export_model(reference_dir, out, force=True, dtype="bf16", tolerance=0.0)
-    assert [p.name for p in out.iterdir()] == ["precious.txt"]
-    export_model(reference_dir, out, force=True)
-    assert not (out / "precious.txt").exists() and (out / "model.safetensors").is_file()
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    export_model(reference_dir, out, force=True, format="reference")
+    assert (out / "colbert_linear.pt").is_file() and not (out / "colbertkit.json").exists()
     assert leftovers(tmp_path) == []
+
+
+def test_force_never_removes_files_colbertkit_did_not_write(reference_dir, tmp_path):
+    out = tmp_path / "out"
+    (out / "sub").mkdir(parents=True)
+    (out / "thesis.txt").write_text("keep me")
+    (out / "sub" / "data.csv").write_text("1,2")
+    with pytest.raises(UsageError, match=r"holds files colbertkit did not write \(sub/, thesis"):
+        export_model(reference_dir, out, force=True)
+    assert (out / "thesis.txt").read_text() == "keep me"
+    assert (out / "sub" / "data.csv").read_text() == "1,2"
+    assert sorted(p.name for p in out.iterdir()) == ["sub", "thesis.txt"]
 
 
 def test_output_must_not_be_or_contain_the_source(reference_dir, tmp_path):
@@ -709,10 +719,10 @@ def test_output_must_not_be_or_contain_the_source(reference_dir, tmp_path):
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"format": "onnx"}, "--format onnx: use one of colbertkit, reference"),
-        ({"dtype": "int8"}, "--dtype int8: use one of fp32, fp16, bf16"),
-        ({"tolerance": -1.0}, "--tolerance -1.0: must be 0 or more"),
-        ({"query_max_len": 1}, "--query-max-len 1: must be at least 2"),
+        ({"format": "onnx"}, "`format` onnx: Input should be 'colbertkit' or 'reference'"),
+        ({"dtype": "int8"}, "`dtype` int8: Input should be 'fp32', 'fp16' or 'bf16'"),
+        ({"tolerance": -1.0}, "`tolerance` -1.0: Input should be greater than or equal to 0"),
+        ({"query_max_len": 1}, "`query_max_len` 1: Input should be greater than or equal to 2"),
         ({"verify_pairs": []}, "verify_pairs is empty"),
     ],
 )

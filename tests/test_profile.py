@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from colbertkit.errors import UsageError
-from colbertkit.launch import accelerate_config, layer_class_for_config, transformer_layer_class
+from colbertkit.launcher import accelerate_config, layer_class_for_config, transformer_layer_class
 from colbertkit.profile import (
     bundled_profiles_dir,
     describe_sources,

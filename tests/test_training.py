@@ -11,9 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from colbertkit.checkpoint.run import list_checkpoints
 from colbertkit.errors import UsageError
 from colbertkit.train_config import TrainConfig, load_train_config
-from colbertkit.training import list_checkpoints, train
+from colbertkit.training import train
 from tests.conftest import WORDS
 
 # --------------------------------------------------------------------------------------------
@@ -200,7 +201,7 @@ def test_examples_one_per_positive_and_negatives_per_epoch():
     ("examples", "batch", "world"), [(10, 2, 2), (11, 2, 2), (9, 4, 1), (7, 2, 3)]
 )
 def test_process_batches_shard_the_data(examples, batch, world):
-    from colbertkit.collate import process_batches
+    from colbertkit.data import process_batches
 
     shards = [process_batches(examples, batch, world, rank) for rank in range(world)]
     assert len({len(shard) for shard in shards}) == 1  # the same number of steps everywhere
@@ -248,8 +249,8 @@ def test_run_writes_config_metrics_and_a_scorable_model(tmp_path, colbertkit_dir
     assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5, 6]
     assert all({"train/loss", "train/lr", "train/examples_per_second"} <= m.keys() for m in metrics)
     loaded = load_checkpoint(result.model_dir)
-    assert loaded.layout.kind == "colbertkit" and loaded.query_max_len == 16
-    assert load_checkpoint(out / "model-reference").layout.kind == "reference"
+    assert loaded.source.kind == "colbertkit" and loaded.query_max_len == 16
+    assert load_checkpoint(out / "model-reference").source.kind == "reference"
     scores = score_pairs(str(result.model_dir), [("cat fish", "the cat eats fish"), ("cat", "sky")])
     assert len(scores) == 2 and all(-1.0 <= s <= 1.0 for s in scores)
     # The trained weights differ from the start.
@@ -272,7 +273,7 @@ def test_refuses_to_overwrite_a_run(tmp_path, colbertkit_dir, dataset):
     config = base_config(tmp_path, colbertkit_dir, dataset, max_steps=1)
     train(config)
     with pytest.raises(
-        UsageError, match=r"already holds a training run; resume it with resume_from='latest'"
+        UsageError, match=r"already holds a training run; resume it with `resume_from='latest'`"
     ):
         train(config)
 

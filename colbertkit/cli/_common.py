@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 import functools
 import os
+import re
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -16,18 +17,102 @@ from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from colbertkit.errors import ColbertkitError
+from colbertkit.precision import DTYPE_NAMES
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+# Weight precision, as the commands spell it.
+DType = enum.Enum("DType", {name: name for name in DTYPE_NAMES}, type=str)
 
-class DType(str, enum.Enum):
-    """Weight precision, as the commands spell it."""
 
-    fp32 = "fp32"
-    fp16 = "fp16"
-    bf16 = "bf16"
+class ReportFormat(str, enum.Enum):
+    """How a command that reports prints its report."""
+
+    text = "text"
+    json = "json"
+
+
+def report_format_option(what: str = "the report") -> Any:
+    return typer.Option(
+        ReportFormat.text,
+        "--format",
+        "-f",
+        help=f"Print {what} as text (rich on a terminal, plain when piped) or json.",
+    )
+
+
+def quiet_option() -> Any:
+    return typer.Option(False, "--quiet", "-q", help="Only errors on stderr.")
+
+
+# Core errors name the core's parameters in backticks (`fresh_head=True`, `dtype`); the CLI
+# says its flags. One table for every command; a backticked name not listed stays as it is.
+PARAMETER_FLAGS = {
+    "base_model": "--base-model",
+    "baseline": "--baseline",
+    "baseline_scores": "--baseline-scores",
+    "batch_size": "--batch-size",
+    "bootstrap_samples": "--bootstrap-samples",
+    "checkpoint": "CKPT",
+    "colbert_dim": "--colbert-dim",
+    "data": "DATA",
+    "device": "--device",
+    "dtype": "--dtype",
+    "encode_batch_size": "--encode-batch-size",
+    "eval_path": "--eval",
+    "force": "--force",
+    "format": "--format",
+    "fresh_head": "--fresh-head",
+    "max_line_bytes": "--max-line-bytes",
+    "max_tracked_rows": "--max-tracked-rows",
+    "neg_nums": "--neg-nums",
+    "output_dir": "--output-dir",
+    "overwrite": "--overwrite",
+    "pad_floor": "--pad-floor",
+    "passage_max_len": "--passage-max-len",
+    "profile": "--profile",
+    "qrels": "--qrels",
+    "query_max_len": "--query-max-len",
+    "recall_at": "--recall-at",
+    "resume": "--resume",
+    "resume_from": "--resume",
+    "resume_from='latest'": "--resume RUN",
+    "sample_limit": "--examples",
+    "scores": "--scores",
+    "seed": "--seed",
+    "token_rows": "--token-rows",
+    "tolerance": "--tolerance",
+    "top_k": "--top-k",
+    "trust_remote_code": "--trust-remote-code",
+    "verify": "--verify",
+    "verify=False": "--no-verify",
+    "verify_pairs": "--verify",
+    "window": "--window",
+}
+_PARAMETER = re.compile(r"`([a-z_][a-z0-9_]*)(?:=([^`]*))?`")
+
+
+def as_flags(message: str) -> str:
+    """A core error message with its backticked parameters written as CLI flags."""
+
+    def flag(match: re.Match[str]) -> str:
+        name, value = match.group(1), match.group(2)
+        whole = f"{name}={value}" if value is not None else name
+        if whole in PARAMETER_FLAGS:
+            return PARAMETER_FLAGS[whole]
+        if name not in PARAMETER_FLAGS:
+            return match.group(0)
+        option = PARAMETER_FLAGS[name]
+        if value in (None, "True"):
+            return option
+        if value == "False":
+            return "--no-" + option.removeprefix("--")
+        return f"{option} {value.strip(chr(39))}"
+
+    return _PARAMETER.sub(flag, message)
 
 
 DEBUG_ENV = "COLBERTKIT_DEBUG"
@@ -65,7 +150,8 @@ def handle_errors(command: F) -> F:
         except ColbertkitError as error:
             if debug_enabled():
                 raise
-            stderr_console().print(f"[bold red]Error:[/] {error}", markup=True, highlight=False)
+            message = escape(as_flags(str(error)))
+            stderr_console().print(f"[bold red]Error:[/] {message}", markup=True, highlight=False)
             raise typer.Exit(code=error.exit_code) from None
         except KeyboardInterrupt:
             if debug_enabled():

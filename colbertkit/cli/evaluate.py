@@ -7,7 +7,6 @@ together, and renders the report: rich on a terminal, plain text when piped, JSO
 
 from __future__ import annotations
 
-import enum
 import json
 import sys
 from pathlib import Path
@@ -15,13 +14,17 @@ from typing import Any
 
 import typer
 
-from colbertkit.cli._common import DType, handle_errors, progress_bar, stderr_console
+from colbertkit import defaults
+from colbertkit.cli._common import (
+    DType,
+    ReportFormat,
+    handle_errors,
+    progress_bar,
+    quiet_option,
+    report_format_option,
+    stderr_console,
+)
 from colbertkit.errors import UsageError
-
-
-class ReportFormat(str, enum.Enum):
-    text = "text"
-    json = "json"
 
 
 @handle_errors
@@ -29,14 +32,14 @@ def evaluate_command(
     checkpoint: str | None = typer.Argument(
         None,
         help="Checkpoint to evaluate (anything `colbertkit score` loads); leave out with --scores.",
-        metavar="[CKPT]",
+        metavar="CKPT",
         show_default=False,
     ),
     data: str | None = typer.Argument(
         None,
         help="Eval rows in the training format (jsonl: each row's pos + neg are ranked), or a "
         "pairs TSV qid<TAB>query<TAB>pid<TAB>passage judged by --qrels ('-': stdin).",
-        metavar="[DATA]",
+        metavar="DATA",
         show_default=False,
     ),
     qrels: Path | None = typer.Option(
@@ -64,12 +67,7 @@ def evaluate_command(
     recall_at: list[int] = typer.Option(
         [5, 10], "--recall-at", min=1, help="k of Recall@k; repeat for several (default 5, 10)."
     ),
-    report_format: ReportFormat = typer.Option(
-        ReportFormat.text,
-        "--format",
-        "-f",
-        help="text: a table (rich on a terminal, plain when piped); json: for machines.",
-    ),
+    report_format: ReportFormat = report_format_option("the metrics"),
     per_query: Path | None = typer.Option(
         None,
         "--per-query",
@@ -81,13 +79,19 @@ def evaluate_command(
     ),
     bootstrap_seed: int = typer.Option(0, "--bootstrap-seed", help="Seed of the bootstrap."),
     batch_size: int = typer.Option(
-        32, "--batch-size", "-b", min=1, help="Texts per encoder batch."
+        defaults.ENCODE_BATCH_SIZE, "--batch-size", "-b", min=1, help="Texts per encoder batch."
     ),
     query_max_len: int | None = typer.Option(
-        None, "--query-max-len", min=2, help="Default: the checkpoint's metadata, else 128."
+        None,
+        "--query-max-len",
+        min=2,
+        help=f"Default: the checkpoint's metadata, else {defaults.QUERY_MAX_LEN}.",
     ),
     passage_max_len: int | None = typer.Option(
-        None, "--passage-max-len", min=2, help="Default: the checkpoint's metadata, else 512."
+        None,
+        "--passage-max-len",
+        min=2,
+        help=f"Default: the checkpoint's metadata, else {defaults.PASSAGE_MAX_LEN}.",
     ),
     device: str = typer.Option(
         "auto", "--device", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps."
@@ -102,7 +106,8 @@ def evaluate_command(
         None,
         "--colbert-dim",
         min=1,
-        help="Check CKPT's head size; with --fresh-head, size it (default 128).",
+        help="Check CKPT's head size; with --fresh-head, size it "
+        f"(default {defaults.FRESH_COLBERT_DIM}).",
     ),
     fresh_head: bool = typer.Option(
         False, "--fresh-head", help="Attach a new, seeded head to CKPT (an encoder without one)."
@@ -117,12 +122,13 @@ def evaluate_command(
         help="Allow the checkpoints' own Python code (off by default).",
     ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar on stderr."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only errors on stderr."),
+    quiet: bool = quiet_option(),
 ) -> None:
     """Rank eval rows or a judged run: NDCG@10, MRR@10, Recall@k, MAP; paired vs a baseline."""
-    from colbertkit.evaluation import ScorerOptions, evaluate
+    from colbertkit.evaluation import ModelOptions, evaluate
 
-    _check_flags(checkpoint, data, qrels, scores, baseline, baseline_scores)
+    # How the arguments fit together is checked by evaluate(), whose messages name its
+    # parameters; the error boundary writes them as this command's flags.
     if per_query is not None and not per_query.parent.is_dir():
         raise UsageError(f"--per-query {per_query}: directory {per_query.parent} does not exist")
     shared = {
@@ -135,8 +141,8 @@ def evaluate_command(
         "seed": seed,
         "trust_remote_code": trust_remote_code,
     }
-    options = ScorerOptions(**shared, fresh_head=fresh_head, colbert_dim=colbert_dim)
-    baseline_options = ScorerOptions(
+    options = ModelOptions(**shared, fresh_head=fresh_head, colbert_dim=colbert_dim)
+    baseline_options = ModelOptions(
         **shared,
         fresh_head=baseline_fresh_head,
         colbert_dim=colbert_dim if baseline_fresh_head else None,
@@ -176,37 +182,6 @@ def evaluate_command(
     else:
         sys.stdout.write(render_plain(content))
     sys.stdout.flush()
-
-
-def _check_flags(
-    checkpoint: str | None,
-    data: str | None,
-    qrels: Path | None,
-    scores: Path | None,
-    baseline: str | None,
-    baseline_scores: Path | None,
-) -> None:
-    """How the flags fit together, in the CLI's words (the core names its parameters)."""
-    if scores is not None:
-        if checkpoint is not None:
-            raise UsageError(
-                "--scores evaluates scores made elsewhere: drop CKPT and DATA, or drop --scores"
-            )
-        if baseline is not None:
-            raise UsageError(
-                "--baseline needs DATA to score; evaluate the checkpoint and compare it with "
-                "the scores file: colbertkit evaluate CKPT PAIRS --qrels QRELS --baseline-scores "
-                f"{scores}"
-            )
-    elif checkpoint is None or data is None:
-        raise UsageError(
-            "give CKPT and DATA (eval rows, or pairs with --qrels), or --scores FILE --qrels QRELS"
-        )
-    if baseline is not None and baseline_scores is not None:
-        raise UsageError("give --baseline or --baseline-scores, not both")
-    for flag, value in (("--scores", scores), ("--baseline-scores", baseline_scores)):
-        if value is not None and qrels is None:
-            raise UsageError(f"{flag} needs --qrels to judge the scores")
 
 
 # --------------------------------------------------------------------------------------------

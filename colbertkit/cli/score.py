@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import enum
 import json
-import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
@@ -149,6 +150,19 @@ def score_command(
         source.close()
 
 
+@contextmanager
+def _open_output(path: Path | None) -> Iterator[IO[str]]:
+    """stdout, or ``path`` written atomically (renamed into place only on success)."""
+    if path is None:
+        yield sys.stdout
+        sys.stdout.flush()
+        return
+    from colbertkit.checkpoint.files import atomic_file
+
+    with atomic_file(path) as handle:
+        yield handle
+
+
 def _resolve_format(requested: OutputFormat, output: Path | None) -> OutputFormat:
     if requested != OutputFormat.auto:
         return requested
@@ -230,28 +244,3 @@ def _print_table(rows, rank: bool, top_k: int | None, out: IO[str]) -> None:
         cells.append(f"{scores[index]:.4f}")
         table.add_row(*cells)
     Console(file=out).print(table)
-
-
-class _open_output:
-    """stdout, or a temporary sibling of ``path`` renamed into place only on success."""
-
-    def __init__(self, path: Path | None) -> None:
-        self.path = path
-        self.tmp: Path | None = None
-
-    def __enter__(self) -> IO[str]:
-        if self.path is None:
-            return sys.stdout
-        self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        self.handle = open(self.tmp, "w", encoding="utf-8", newline="\n")
-        return self.handle
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if self.tmp is None:
-            sys.stdout.flush()
-            return
-        self.handle.close()
-        if exc_type is None:
-            os.replace(self.tmp, self.path)
-        else:
-            self.tmp.unlink(missing_ok=True)
