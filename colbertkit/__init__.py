@@ -23,6 +23,10 @@ _LAZY = {
     "train": "colbertkit.training",
     "TrainConfig": "colbertkit.train_config",
     "export_model": "colbertkit.export",
+    "launch": "colbertkit.launcher",
+    "open_checkpoint": "colbertkit.checkpoint",
+    "mine_negatives": "colbertkit.mining",
+    "MiningReport": "colbertkit.mining",
     "evaluate": "colbertkit.evaluation",
 }
 

@@ -7,9 +7,18 @@ and what to do about it.
 from __future__ import annotations
 
 import difflib
+import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
+
+DEBUG_ENV = "COLBERTKIT_DEBUG"
+
+
+def debug_enabled() -> bool:
+    """Tracebacks wanted: COLBERTKIT_DEBUG set (the CLI's ``--debug`` sets it too, so the
+    workers that ``colbertkit train`` starts see it)."""
+    return os.environ.get(DEBUG_ENV, "") not in ("", "0", "false", "no")
 
 
 class ColbertkitError(Exception):

@@ -60,7 +60,7 @@ class ModelOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    batch_size: int = Field(defaults.ENCODE_BATCH_SIZE, ge=1, description="Texts per forward.")
+    encode_batch_size: int = Field(defaults.ENCODE_BATCH_SIZE, ge=1, description="Texts a forward.")
     query_max_len: int | None = Field(None, ge=2, description="Default: the checkpoint's.")
     passage_max_len: int | None = Field(None, ge=2, description="Default: the checkpoint's.")
     device: str = "auto"
@@ -607,7 +607,7 @@ def _evaluate_checkpoint(
         loaded.tokenizer,
         query_max_len=options.query_max_len or loaded.query_max_len,
         passage_max_len=options.passage_max_len or loaded.passage_max_len,
-        batch_size=options.batch_size,
+        batch_size=options.encode_batch_size,
         pad_floor=options.pad_floor,
     )
     load_seconds = time.perf_counter() - started

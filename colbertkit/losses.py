@@ -22,8 +22,8 @@ instead of being moved to index 0.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any, Protocol
 
 import torch
@@ -177,6 +177,9 @@ def gather_passages(
         )
     length = max(int(size[1]) for size in all_sizes)
     embeddings, mask = pad_token_axis(passages_embeddings, passages_mask, length)
+    # Our own differentiable gather, not torch.distributed.nn.functional.all_gather: on gloo its
+    # all-to-all backward gave other gradients than one process on the global batch
+    # (tests/test_training_processes.py), this one gives the same.
     all_embeddings = _GatherWithGradient.apply(embeddings)  # (W*P, L, D)
     all_masks = [torch.empty_like(mask) for _ in range(world_size)]
     dist.all_gather(all_masks, mask.contiguous())
@@ -231,22 +234,21 @@ class RandomState:
 
     GradCache encodes every chunk twice; replaying the first pass's RNG state makes dropout
     draw the same masks in the second pass, so the cached gradients belong to the same function.
+    ``torch.random.fork_rng`` restores the surrounding state afterwards.
     """
 
     def __init__(self) -> None:
         self.cpu = torch.get_rng_state()
         self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
 
-    def __enter__(self) -> None:
-        self._outer = RandomState()
-        torch.set_rng_state(self.cpu)
-        if self.cuda is not None:
-            torch.cuda.set_rng_state_all(self.cuda)
-
-    def __exit__(self, *exc_info: object) -> None:
-        torch.set_rng_state(self._outer.cpu)
-        if self._outer.cuda is not None:
-            torch.cuda.set_rng_state_all(self._outer.cuda)
+    @contextmanager
+    def replay(self) -> Iterator[None]:
+        devices = list(range(len(self.cuda))) if self.cuda is not None else []
+        with torch.random.fork_rng(devices=devices):
+            torch.set_rng_state(self.cpu)
+            if self.cuda is not None:
+                torch.cuda.set_rng_state_all(self.cuda)
+            yield
 
 
 def grad_cache_backward(
@@ -293,7 +295,7 @@ def grad_cache_backward(
         cache = queries_embeddings.grad if is_query else passages_embeddings.grad
         last = index == len(chunks) - 1
         # `state` replays the first pass's RNG inside and restores the current one on exit.
-        with nullcontext() if (sync and last) else defer_sync(), state:
+        with nullcontext() if (sync and last) else defer_sync(), state.replay():
             embeddings, _ = encode([chunk])[0]  # (n, L, D)
             cached = cache[chunk.positions.to(cache.device), : embeddings.shape[1]]  # (n, L, D)
             backward((embeddings * cached.to(embeddings.dtype)).sum())

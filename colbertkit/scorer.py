@@ -27,6 +27,7 @@ from torch.nn.utils.rnn import pad_sequence
 from colbertkit import defaults
 from colbertkit.collate import length_sorted_chunks, tokenize
 from colbertkit.errors import UsageError, validate_options
+from colbertkit.pairs import Pair, PairsInput
 from colbertkit.precision import DTYPE_NAMES, torch_dtype
 from colbertkit.scoring import maxsim_pairs
 
@@ -214,23 +215,61 @@ class PairScorer:
         return scores.tolist(), query_vectors
 
 
-def rank_by_query(
-    qids: Sequence[str], scores: Sequence[float], top_k: int | None = None
-) -> list[tuple[int, int]]:
-    """(input index, rank) of each kept pair: queries in first-seen order, best score first.
+def rank_scored_pairs(
+    source: PairsInput,
+    scored: Iterable[tuple[Pair, float]],
+    top_k: int | None = None,
+    *,
+    note: Callable[[str], None] | None = None,
+) -> Iterator[tuple[Pair, int, float]]:
+    """(pair, rank, score) of each kept pair: queries in first-seen order, best score first.
 
-    Ties keep input order (the sort is stable); ranks start at 1.
+    Ties keep input order; ranks start at 1. When each qid's lines are contiguous
+    (``source.grouped``) one query is held at a time. Otherwise every pair's qid, score and
+    file position are held (32 bytes a pair; ``note`` is told how much) and the texts of the
+    kept pairs are read again from the file.
     """
-    groups: dict[str, list[int]] = {}
+    from array import array
+
+    if source.grouped:
+        group: list[tuple[Pair, float]] = []
+        for pair, score in scored:
+            if group and pair.qid != group[0][0].qid:
+                yield from _ranked_group(group, top_k)
+                group = []
+            group.append((pair, score))
+        yield from _ranked_group(group, top_k)
+        return
+    if note is not None:
+        note(
+            f"ranking {source.count:,} pairs whose qids are not grouped holds "
+            f"{source.count * 32 / 1e6:.1f} MB of scores and positions; sort the input by qid "
+            "to stream it"
+        )
+    qid_index: dict[str, int] = {}
+    qids, scores, offsets, lines = array("q"), array("d"), array("q"), array("q")
+    for pair, score in scored:
+        qids.append(qid_index.setdefault(str(pair.qid), len(qid_index)))
+        scores.append(score)
+        offsets.append(pair.offset)
+        lines.append(pair.line)
+    members: list[list[int]] = [[] for _ in qid_index]
     for index, qid in enumerate(qids):
-        groups.setdefault(qid, []).append(index)
-    ranked: list[tuple[int, int]] = []
-    for indices in groups.values():
-        ordered = sorted(indices, key=lambda i: -scores[i])
-        if top_k is not None:
-            ordered = ordered[:top_k]
-        ranked.extend((index, rank) for rank, index in enumerate(ordered, start=1))
-    return ranked
+        members[qid].append(index)
+    del qids
+    for indices in members:
+        ordered = sorted(indices, key=lambda i: -scores[i])[:top_k]
+        again = source.at((offsets[i], lines[i]) for i in ordered)
+        for rank, (index, pair) in enumerate(zip(ordered, again, strict=True), start=1):
+            yield pair, rank, scores[index]
+
+
+def _ranked_group(
+    group: list[tuple[Pair, float]], top_k: int | None
+) -> Iterator[tuple[Pair, int, float]]:
+    ordered = sorted(group, key=lambda item: -item[1])[:top_k]  # stable: ties keep input order
+    for rank, (pair, score) in enumerate(ordered, start=1):
+        yield pair, rank, score
 
 
 def score_pairs(
@@ -247,7 +286,7 @@ def score_pairs(
 ) -> list[float]:
     """Load ``checkpoint`` and return the MaxSim score of each (query, passage) pair.
 
-    Lengths default to the checkpoint's metadata, else 128 / 512.
+    Lengths default to the checkpoint's metadata, else :mod:`colbertkit.defaults`'.
     """
     from colbertkit.checkpoint import load_checkpoint
 

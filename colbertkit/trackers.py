@@ -154,11 +154,11 @@ def make_tracker(
                 init_kwargs=tracker_init_kwargs(log_with, output_dir, run_name),
             )
         except Exception as error:
-            from colbertkit.errors import UsageError
+            from colbertkit.errors import UsageError, first_line
 
             raise UsageError(
                 f"log_with '{log_with}': the tracker failed to start ({type(error).__name__}: "
-                f"{str(error).strip().splitlines()[0] if str(error).strip() else ''}); "
+                f"{first_line(error)}); "
                 "set log_with to 'none' or fix the tracker's setup"
             ) from error
     if not accelerator.is_main_process:

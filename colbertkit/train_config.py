@@ -9,6 +9,7 @@ when training starts).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -83,7 +84,10 @@ class TrainConfig(BaseModel):
         "without a head (a plain encoder) always gets a fresh one.",
     )
     colbert_dim: int | None = Field(
-        default=None, gt=0, description="Size of a fresh head (default 128); a check otherwise."
+        default=None,
+        gt=0,
+        description=f"Size of a fresh head (default {defaults.FRESH_COLBERT_DIM}); a check "
+        "otherwise.",
     )
     trust_remote_code: bool = False
 
@@ -266,8 +270,20 @@ def resume_conflicts(saved: Mapping[str, Any], config: TrainConfig) -> list[str]
     """Settings of ``config`` that differ from the ``saved`` settings of the run being resumed
     and would change its result (``"lr: 2e-05 -> 1e-05"``); empty when resuming is sound."""
     current = config.model_dump(mode="json")
+
+    def same(key: str) -> bool:
+        ours, theirs = current[key], saved.get(key)
+        if key in PATH_SETTINGS and ours and theirs and Path(ours).exists():
+            # runs/x and /home/me/runs/x are the same file (profile.yaml stores absolute paths)
+            return os.path.abspath(ours) == os.path.abspath(theirs)
+        return ours == theirs
+
     return [
         f"{key}: {saved.get(key)!r} -> {current[key]!r}"
         for key in sorted(current)
-        if key not in RESUMABLE_CHANGES and saved.get(key) != current[key]
+        if key not in RESUMABLE_CHANGES and not same(key)
     ]
+
+
+# Settings that name files: equal when they name the same file.
+PATH_SETTINGS = frozenset({"model", "dataset", "eval_dataset", "output_dir"})

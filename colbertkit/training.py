@@ -49,7 +49,7 @@ from colbertkit.collate import (
     length_sorted_chunks,
 )
 from colbertkit.data import process_batches, steps_per_epoch
-from colbertkit.errors import UsageError
+from colbertkit.errors import UsageError, first_line
 from colbertkit.losses import (
     contrastive_loss,
     gather_passages,
@@ -57,6 +57,7 @@ from colbertkit.losses import (
     grouped_positive_columns,
     plain_backward,
 )
+from colbertkit.progress import ProgressBar
 from colbertkit.train_config import TrainConfig, load_train_config, resume_conflicts
 
 # --------------------------------------------------------------------------------------------
@@ -188,9 +189,7 @@ def train(config: TrainConfig | Mapping[str, Any]) -> TrainResult:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     multiple_of = config.pad_to_multiple_of or (8 if accelerator.device.type == "cuda" else 1)
     evaluator = (
-        _Evaluator(eval_rows, tokenizer, config, accelerator, multiple_of)
-        if eval_rows
-        else None
+        _Evaluator(eval_rows, tokenizer, config, accelerator, multiple_of) if eval_rows else None
     )
     eval_history: list[dict[str, float]] = []
 
@@ -217,7 +216,14 @@ def train(config: TrainConfig | Mapping[str, Any]) -> TrainResult:
         evaluate_and_keep_best()
 
     # -- the loop ------------------------------------------------------------------------------
-    bar = _ProgressBar(main and config.progress_bar, total_steps, progress.step)
+    bar = ProgressBar(
+        "train",
+        total_steps,
+        enabled=main and config.progress_bar,
+        completed=progress.step,
+        stats=True,
+        transient=False,
+    )
     window_losses: list[float] = []
     window_start, window_examples = time.perf_counter(), 0
     last_loss: float | None = None
@@ -275,11 +281,15 @@ def train(config: TrainConfig | Mapping[str, Any]) -> TrainResult:
                     "train/examples_per_second": window_examples / max(elapsed, 1e-9),
                 }
                 tracker.log(metrics, progress.step)
-                bar.update(progress.step, metrics)
+                bar.update(
+                    completed=progress.step,
+                    stats=f"loss {mean_loss:.4f}  lr {step_lr:.2e}  "
+                    f"{metrics['train/examples_per_second']:.1f} ex/s",
+                )
                 last_loss = mean_loss
                 window_losses, window_start, window_examples = [], time.perf_counter(), 0
             else:
-                bar.update(progress.step, None)
+                bar.update(completed=progress.step)
 
             end_of_epoch = progress.batch >= len(batches)
             if evaluator is not None and (
@@ -453,9 +463,7 @@ def _make_accelerator(config: TrainConfig) -> Any:
             ),
         )
     except (ValueError, ImportError) as error:
-        raise UsageError(
-            f"cannot set up accelerate: {str(error).strip().splitlines()[0]}"
-        ) from error
+        raise UsageError(f"cannot set up accelerate: {first_line(error)}") from error
     if accelerator.num_processes != launched_processes:
         raise UsageError(
             f"the launcher started {launched_processes} processes but accelerate set up "
@@ -859,47 +867,3 @@ class _Console:
     def print(self, text: str) -> None:
         if self.enabled:
             print(f"colbertkit: {text}", file=sys.stderr, flush=True)
-
-
-class _ProgressBar:
-    """A rich progress bar with loss, lr and examples/s, on the main process only."""
-
-    def __init__(self, enabled: bool, total: int, completed: int) -> None:
-        self.progress = None
-        if not enabled:
-            return
-        from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeRemainingColumn,
-        )
-
-        self.progress = Progress(
-            TextColumn("[bold]train[/]"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeRemainingColumn(),
-            TextColumn("{task.fields[stats]}"),
-            console=Console(file=sys.stderr),
-        )
-        self.task = self.progress.add_task("train", total=total, completed=completed, stats="")
-        self.progress.start()
-
-    def update(self, step: int, metrics: Mapping[str, float] | None) -> None:
-        if self.progress is None:
-            return
-        if metrics is None:
-            self.progress.update(self.task, completed=step)
-            return
-        stats = (
-            f"loss {metrics['train/loss']:.4f}  lr {metrics['train/lr']:.2e}  "
-            f"{metrics['train/examples_per_second']:.1f} ex/s"
-        )
-        self.progress.update(self.task, completed=step, stats=stats)
-
-    def close(self) -> None:
-        if self.progress is not None:
-            self.progress.stop()

@@ -18,8 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 1:
         print("usage: worker.py CONFIG.json (written by colbertkit train)", file=sys.stderr)
         return 2
-    from colbertkit.cli._common import debug_enabled
-    from colbertkit.errors import ColbertkitError
+    from colbertkit.errors import ColbertkitError, debug_enabled
 
     try:
         from colbertkit.training import train

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import typer
 
-from colbertkit.cli._common import handle_errors, progress_bar
+from colbertkit.cli._common import handle_errors
 from colbertkit.errors import ColbertkitError, UsageError
+from colbertkit.progress import progress_bar
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shlex
 import shutil
 import subprocess
@@ -76,7 +75,7 @@ def base_checkpoint(tmp_path_factory, tiny_parts) -> Path:
 
 @pytest.fixture
 def workdir(tmp_path, colbertkit_dir, base_checkpoint) -> Path:
-    """The files the README's commands name, in a fresh directory."""
+    """The files the journey's commands name, in a fresh directory."""
     (tmp_path / "ckpt").symlink_to(colbertkit_dir, target_is_directory=True)
     (tmp_path / "base").symlink_to(base_checkpoint, target_is_directory=True)
     (tmp_path / "eval.jsonl").write_text("".join(json.dumps(row) + "\n" for row in EVAL_ROWS))
@@ -86,12 +85,17 @@ def workdir(tmp_path, colbertkit_dir, base_checkpoint) -> Path:
     return tmp_path
 
 
-def readme_commands() -> list[str]:
-    readme = (REPO / "README.md").read_text(encoding="utf-8")
-    section = readme.split("### `colbertkit evaluate`", 1)[1]
-    block = re.search(r"```bash\n(.*?)```", section, re.S)
-    assert block is not None
-    return [line for line in block.group(1).splitlines() if line.strip()]
+# Every input kind and output of the command, as a user chains them (the README's own lines
+# run in tests/test_readme.py, on the demo model).
+JOURNEY = [
+    "colbertkit evaluate ckpt/ eval.jsonl",
+    "colbertkit evaluate ckpt/ eval.jsonl --baseline base/",
+    "colbertkit evaluate ckpt/ pairs.tsv --qrels qrels.tsv --per-query per_query.tsv",
+    "colbertkit score ckpt/ pairs.tsv > scores.tsv",
+    "colbertkit evaluate --scores scores.tsv --qrels qrels.tsv",
+    "colbertkit evaluate ckpt/ pairs.tsv --qrels qrels.tsv --baseline-scores bm25.tsv "
+    "--format json > report.json",
+]
 
 
 def plain_table(stdout: str) -> dict[str, list[str]]:
@@ -102,8 +106,8 @@ def plain_table(stdout: str) -> dict[str, list[str]]:
     }
 
 
-def run_readme_line(line: str) -> Result:
-    """One README command line, in this process: argv as the shell splits it, ``> FILE`` too."""
+def run_line(line: str) -> Result:
+    """One command line, in this process: argv as the shell splits it, ``> FILE`` too."""
     words = shlex.split(line, comments=True)
     target = None
     if ">" in words:
@@ -116,13 +120,11 @@ def run_readme_line(line: str) -> Result:
     return result
 
 
-def test_the_readme_commands_run_as_shown(workdir, monkeypatch):
+def test_a_journey_through_every_input_kind(workdir, monkeypatch):
     # In process (a subprocess costs seconds of imports each); the installed command is run
     # in a subprocess by the tests below.
     monkeypatch.chdir(workdir)
-    commands = readme_commands()
-    assert len(commands) == 6
-    outputs = [run_readme_line(line) for line in commands]
+    outputs = [run_line(line) for line in JOURNEY]
     rows, baseline, pairs, _, scores, _ = outputs
 
     table = plain_table(rows.stdout)  # piped: plain text

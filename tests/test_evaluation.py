@@ -325,8 +325,8 @@ def test_pairs_listed_twice_are_an_error(files):
             "`batch_sise` 2: Extra inputs are not permitted",
         ),
         (
-            {"checkpoint": "c", "data": "d", "options": {"batch_size": 0}},
-            "`batch_size` 0: Input should be greater than or equal to 1",
+            {"checkpoint": "c", "data": "d", "options": {"encode_batch_size": 0}},
+            "`encode_batch_size` 0: Input should be greater than or equal to 1",
         ),
     ],
 )

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from colbertkit.checkpoint import load_checkpoint
 from colbertkit.model import ColBERT
-from colbertkit.scorer import PairScorer, rank_by_query
+from colbertkit.scorer import PairScorer
 
 PAIRS = [
     ("what is the capital of france", "paris is the capital of france"),
@@ -140,11 +140,32 @@ def test_encode_returns_real_token_vectors_only(loaded):
         assert torch.allclose(v.norm(dim=-1), torch.ones(v.shape[0]), atol=1e-5)
 
 
-def test_rank_by_query_sorts_within_query_keeps_query_order_and_top_k():
-    qids = ["q2", "q1", "q2", "q1", "q2"]
-    scores = [0.1, 0.5, 0.9, 0.5, 0.3]
-    assert rank_by_query(qids, scores) == [(2, 1), (4, 2), (0, 3), (1, 1), (3, 2)]
-    assert rank_by_query(qids, scores, top_k=1) == [(2, 1), (1, 1)]
+def test_ranking_sorts_within_query_keeps_query_order_and_top_k(tmp_path):
+    from colbertkit.pairs import open_pairs
+    from colbertkit.scorer import rank_scored_pairs
+
+    def ranked(lines: list[str], scores: list[float], top_k=None, notes=None):
+        path = tmp_path / "run.tsv"
+        path.write_text("".join(lines))
+        source = open_pairs(path)
+        scored = zip(source.pairs(), scores, strict=True)
+        note = notes.append if notes is not None else None
+        return [
+            (p.qid, p.pid, r) for p, r, _ in rank_scored_pairs(source, scored, top_k, note=note)
+        ]
+
+    # Grouped input (each qid's lines together) streams one query at a time.
+    grouped = ["a\tq\t0\tp\n", "a\tq\t1\tp\n", "a\tq\t2\tp\n", "b\tq\t3\tp\n", "b\tq\t4\tp\n"]
+    expected = [("a", "2", 1), ("a", "0", 2), ("a", "1", 3), ("b", "4", 1), ("b", "3", 2)]
+    assert ranked(grouped, [0.5, 0.1, 0.9, 0.2, 0.8]) == expected
+    assert ranked(grouped, [0.5, 0.1, 0.9, 0.2, 0.8], top_k=1) == [("a", "2", 1), ("b", "4", 1)]
+    # Interleaved qids give the same ranking, read back from the file, and say what they hold.
+    notes = []
+    mixed = ["a\tq\t0\tp\n", "b\tq\t3\tp\n", "a\tq\t1\tp\n", "b\tq\t4\tp\n", "a\tq\t2\tp\n"]
+    assert ranked(mixed, [0.5, 0.2, 0.1, 0.8, 0.9], notes=notes) == expected
+    assert "not grouped" in notes[0]
+    # Ties keep input order.
+    assert ranked(grouped[:3], [0.5, 0.5, 0.5]) == [("a", "0", 1), ("a", "1", 2), ("a", "2", 3)]
 
 
 def test_scoring_streams_its_input_in_windows(loaded):

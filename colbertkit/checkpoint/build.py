@@ -122,7 +122,7 @@ def colbert_from_source(
     """(float32 ColBERT on CPU, tokenizer, notes) of an opened checkpoint.
 
     ``colbert_dim`` checks an existing head (its size comes from the weights); with
-    ``fresh_head`` it sizes the new head (default 128).
+    ``fresh_head`` it sizes the new head (default :data:`defaults.FRESH_COLBERT_DIM`).
     """
 
     from colbertkit.model import fresh_head as make_fresh_head

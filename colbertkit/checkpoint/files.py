@@ -22,16 +22,18 @@ from typing import IO
 
 from colbertkit.errors import UsageError
 
-_umask: int | None = None
-
 
 def current_umask() -> int:
-    """The process's umask (read once: reading it means setting it, which is not thread-safe)."""
-    global _umask
-    if _umask is None:
-        _umask = os.umask(0o022)
-        os.umask(_umask)
-    return _umask
+    """The process's umask (from /proc where it can be read without changing it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # reading it elsewhere means setting it (briefly)
+    os.umask(mask)
+    return mask
 
 
 def follow_umask(path: Path) -> None:
@@ -50,9 +52,7 @@ def _sibling(target: Path, tag: str) -> Path:
     return target.parent / f".{target.name}.{tag}-{os.getpid()}"
 
 
-def check_replaceable(
-    target: Path, is_ours: Callable[[str], bool], *, what: str, fix: str
-) -> None:
+def check_replaceable(target: Path, is_ours: Callable[[str], bool], *, what: str, fix: str) -> None:
     """Raise unless ``target`` is missing, empty, or holds only entries ``is_ours`` accepts.
 
     ``what`` says what colbertkit writes there ("a training run"), ``fix`` what to do instead.
@@ -90,14 +90,40 @@ def names_of(allowed: Iterable[str]) -> Callable[[str], bool]:
     return is_ours
 
 
-def remove_tree(path: Path) -> None:
-    """Remove a directory of ours by renaming it aside first: a crash mid-way never leaves a
-    half-deleted directory under its own name."""
-    if not path.exists():
-        return
-    aside = _sibling(path, "old")
-    os.replace(path, aside)
-    shutil.rmtree(aside, ignore_errors=True)
+_RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+def exchange(first: Path, second: Path) -> None:
+    """Swap two existing directories in one atomic step where the system can (Linux
+    ``renameat2(RENAME_EXCHANGE)``), else in two renames."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):  # not glibc >= 2.28: two renames
+        renameat2 = None
+    if renameat2 is not None:
+        at_fdcwd = -100
+        done = renameat2(
+            at_fdcwd, os.fsencode(first), at_fdcwd, os.fsencode(second), _RENAME_EXCHANGE
+        )
+        if done == 0:
+            return
+    aside = _sibling(second, "old")
+    os.replace(second, aside)
+    os.replace(first, second)
+    os.replace(aside, first)
+
+
+def replace_directory(target: Path, new: Path) -> None:
+    """Put the directory ``new`` at ``target`` and remove what was there: whenever this stops,
+    ``target`` is the old directory or the new one, never a mix or nothing."""
+    if target.exists():
+        exchange(new, target)
+        shutil.rmtree(new, ignore_errors=True)  # now the old one
+    else:
+        os.replace(new, target)
 
 
 def remove_stale_siblings(target: Path) -> None:
@@ -130,12 +156,7 @@ def atomic_directory(target: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = _sibling(target, "old")
-    if target.exists():
-        os.replace(target, old)
-    os.replace(tmp, target)
-    if old.exists():
-        shutil.rmtree(old, ignore_errors=True)
+    replace_directory(target, tmp)
 
 
 @contextmanager

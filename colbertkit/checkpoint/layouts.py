@@ -217,7 +217,7 @@ def read_metadata(file: Path) -> CheckpointMetadata:
     try:
         return CheckpointMetadata.model_validate_json(file.read_bytes())
     except ValueError as error:
-        first = str(error).splitlines()[0]
+        first = first_line(error)
         raise CheckpointError(
             f"{file}: unreadable metadata ({first}); re-export the checkpoint"
         ) from error

@@ -34,7 +34,7 @@ from colbertkit.checkpoint.files import (
     follow_umask,
     names_of,
     remove_stale_siblings,
-    remove_tree,
+    replace_directory,
 )
 from colbertkit.errors import UsageError
 
@@ -153,13 +153,22 @@ def prepare_run_directory(path: Path, *, overwrite: bool = False, resume: bool =
     if action == "resume":
         return path
     remove_stale_siblings(path)
+    marker = json.dumps(
+        {"format": "colbertkit.run", "created": time.time(), "colbertkit": __version__}
+    )
     if action == "replace":
-        remove_tree(path)  # renamed aside first: the target is the old run or a new one
+        # The new, empty run is made aside and swapped in: the target is always the old run or
+        # the new one.
+        fresh = path.parent / f".{path.name}.tmp-{os.getpid()}"
+        fresh.mkdir()
+        (fresh / RUN_MARKER).write_text(marker + "\n")
+        follow_umask(fresh)
+        replace_directory(path, fresh)
+        return path
     path.mkdir(parents=True, exist_ok=True)
     follow_umask(path)
     if not (path / RUN_MARKER).is_file():
-        marker = {"format": "colbertkit.run", "created": time.time(), "colbertkit": __version__}
-        atomic_write_text(path / RUN_MARKER, json.dumps(marker) + "\n")
+        atomic_write_text(path / RUN_MARKER, marker + "\n")
     return path
 
 

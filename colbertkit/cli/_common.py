@@ -8,17 +8,16 @@ from __future__ import annotations
 
 import enum
 import functools
-import os
 import re
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
+from colbertkit import defaults, errors
 from colbertkit.errors import ColbertkitError
 from colbertkit.precision import DTYPE_NAMES
 
@@ -44,6 +43,66 @@ def report_format_option(what: str = "the report") -> Any:
     )
 
 
+def _debug_callback(value: bool) -> bool:
+    if value:
+        set_debug(True)
+    return value
+
+
+def debug_option() -> Any:
+    """``--debug`` after the command name too (``colbertkit --debug score`` works as well)."""
+    return typer.Option(
+        False,
+        "--debug",
+        callback=_debug_callback,
+        is_eager=True,
+        help=f"Show full tracebacks (or set {errors.DEBUG_ENV}=1).",
+    )
+
+
+# The options of every command that loads a model, written once.
+
+
+def encode_batch_size_option() -> Any:
+    return typer.Option(
+        defaults.ENCODE_BATCH_SIZE,
+        "--encode-batch-size",
+        min=1,
+        help="Texts per encoder forward (memory vs speed; scores do not change).",
+    )
+
+
+def device_option() -> Any:
+    return typer.Option(
+        "auto",
+        "--device",
+        envvar="COLBERTKIT_DEVICE",
+        help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps.",
+    )
+
+
+def dtype_option() -> Any:
+    return typer.Option(DType.fp32, "--dtype", help="Model precision; fp16 needs a GPU.")
+
+
+def max_len_option(kind: str) -> Any:
+    default = defaults.QUERY_MAX_LEN if kind == "query" else defaults.PASSAGE_MAX_LEN
+    return typer.Option(
+        None,
+        f"--{kind}-max-len",
+        min=2,
+        help=f"Default: the checkpoint's metadata, else {default}.",
+    )
+
+
+def trust_remote_code_option() -> Any:
+    return typer.Option(
+        False,
+        "--trust-remote-code",
+        help="Allow the checkpoint's own Python code (off by default).",
+    )
+
+
 def quiet_option() -> Any:
     return typer.Option(False, "--quiet", "-q", help="Only errors on stderr.")
 
@@ -65,6 +124,7 @@ PARAMETER_FLAGS = {
     "eval_path": "--eval",
     "force": "--force",
     "format": "--format",
+    "layout": "--layout",
     "fresh_head": "--fresh-head",
     "max_line_bytes": "--max-line-bytes",
     "max_tracked_rows": "--max-tracked-rows",
@@ -115,12 +175,10 @@ def as_flags(message: str) -> str:
     return _PARAMETER.sub(flag, message)
 
 
-DEBUG_ENV = "COLBERTKIT_DEBUG"
-
-
 def stderr_console() -> Console:
     # Built on demand so that tests capturing sys.stderr see the output.
-    return Console(file=sys.stderr, highlight=False, soft_wrap=True)
+    # No emoji codes: ":end:" in a message must stay text.
+    return Console(file=sys.stderr, highlight=False, soft_wrap=True, emoji=False)
 
 
 _debug_flag = False
@@ -134,7 +192,7 @@ def set_debug(enabled: bool) -> None:
 
 def debug_enabled() -> bool:
     """``--debug`` on this command line, or COLBERTKIT_DEBUG set in the environment."""
-    return _debug_flag or os.environ.get(DEBUG_ENV, "") not in ("", "0", "false", "no")
+    return _debug_flag or errors.debug_enabled()
 
 
 def handle_errors(command: F) -> F:
@@ -160,31 +218,3 @@ def handle_errors(command: F) -> F:
             raise typer.Exit(code=130) from None
 
     return wrapper  # type: ignore[return-value]
-
-
-@contextmanager
-def progress_bar(
-    description: str, total: int, *, enabled: bool = True, bytes_unit: bool = False
-) -> Iterator[Callable[[int], None] | None]:
-    """A transient rich progress bar on stderr; yields ``advance(n)``, or None when off.
-
-    Shown only when stderr is a terminal, so pipes and logs stay clean.
-    """
-    console = stderr_console()
-    if not (enabled and console.is_terminal):
-        yield None
-        return
-    from rich.progress import (
-        BarColumn,
-        DownloadColumn,
-        MofNCompleteColumn,
-        Progress,
-        TimeRemainingColumn,
-        TransferSpeedColumn,
-    )
-
-    counters = (DownloadColumn(), TransferSpeedColumn()) if bytes_unit else (MofNCompleteColumn(),)
-    columns = ("[progress.description]{task.description}", BarColumn(), *counters)
-    with Progress(*columns, TimeRemainingColumn(), console=console, transient=True) as bar:
-        task = bar.add_task(description, total=total)
-        yield lambda n: bar.advance(task, n)

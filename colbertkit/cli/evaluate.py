@@ -1,8 +1,8 @@
 """``colbertkit evaluate``: NDCG@10, MRR@10, Recall@k and MAP, optionally against a baseline.
 
-The work is :func:`colbertkit.evaluation.evaluate`; this module checks how the flags fit
-together, and renders the report: rich on a terminal, plain text when piped, JSON with
-``--format json``.
+The work is :func:`colbertkit.evaluation.evaluate` (which also checks how the arguments fit
+together); this module parses the flags and renders the report: rich on a terminal, plain text
+when piped, JSON with ``--format json``.
 """
 
 from __future__ import annotations
@@ -18,20 +18,27 @@ from colbertkit import defaults
 from colbertkit.cli._common import (
     DType,
     ReportFormat,
+    debug_option,
+    device_option,
+    dtype_option,
+    encode_batch_size_option,
     handle_errors,
-    progress_bar,
+    max_len_option,
     quiet_option,
     report_format_option,
     stderr_console,
+    trust_remote_code_option,
 )
 from colbertkit.errors import UsageError
+from colbertkit.progress import progress_bar
 
 
 @handle_errors
 def evaluate_command(
     checkpoint: str | None = typer.Argument(
         None,
-        help="Checkpoint to evaluate (anything `colbertkit score` loads); leave out with --scores.",
+        help="The checkpoint to evaluate: a run directory, best/, checkpoints/step-N, a model "
+        "directory, a packaged model or a hub id (as for score); leave out with --scores.",
         metavar="CKPT",
         show_default=False,
     ),
@@ -78,25 +85,11 @@ def evaluate_command(
         1000, "--bootstrap-samples", min=1, help="Resamples of the paired bootstrap."
     ),
     bootstrap_seed: int = typer.Option(0, "--bootstrap-seed", help="Seed of the bootstrap."),
-    batch_size: int = typer.Option(
-        defaults.ENCODE_BATCH_SIZE, "--batch-size", "-b", min=1, help="Texts per encoder batch."
-    ),
-    query_max_len: int | None = typer.Option(
-        None,
-        "--query-max-len",
-        min=2,
-        help=f"Default: the checkpoint's metadata, else {defaults.QUERY_MAX_LEN}.",
-    ),
-    passage_max_len: int | None = typer.Option(
-        None,
-        "--passage-max-len",
-        min=2,
-        help=f"Default: the checkpoint's metadata, else {defaults.PASSAGE_MAX_LEN}.",
-    ),
-    device: str = typer.Option(
-        "auto", "--device", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps."
-    ),
-    dtype: DType = typer.Option(DType.fp32, "--dtype", help="Model precision; fp16 needs a GPU."),
+    encode_batch_size: int = encode_batch_size_option(),
+    query_max_len: int | None = max_len_option("query"),
+    passage_max_len: int | None = max_len_option("passage"),
+    device: str = device_option(),
+    dtype: DType = dtype_option(),
     pad_floor: bool = typer.Option(
         False,
         "--pad-floor",
@@ -116,15 +109,21 @@ def evaluate_command(
         False, "--baseline-fresh-head", help="The same for --baseline."
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of the fresh heads."),
-    trust_remote_code: bool = typer.Option(
-        False,
-        "--trust-remote-code",
-        help="Allow the checkpoints' own Python code (off by default).",
-    ),
+    trust_remote_code: bool = trust_remote_code_option(),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar on stderr."),
     quiet: bool = quiet_option(),
+    debug: bool = debug_option(),
 ) -> None:
-    """Rank eval rows or a judged run: NDCG@10, MRR@10, Recall@k, MAP; paired vs a baseline."""
+    """Rank eval rows or a judged run: NDCG@10, MRR@10, Recall@k, MAP; paired vs a baseline.
+
+    Examples:
+
+      colbertkit evaluate runs/demo example_data/eval.jsonl
+
+      colbertkit evaluate runs/demo pairs.tsv --qrels qrels.tsv --baseline-scores bm25.trec
+
+      colbertkit evaluate --scores bm25.trec --qrels qrels.tsv --format json
+    """
     from colbertkit.evaluation import ModelOptions, evaluate
 
     # How the arguments fit together is checked by evaluate(), whose messages name its
@@ -132,7 +131,7 @@ def evaluate_command(
     if per_query is not None and not per_query.parent.is_dir():
         raise UsageError(f"--per-query {per_query}: directory {per_query.parent} does not exist")
     shared = {
-        "batch_size": batch_size,
+        "encode_batch_size": encode_batch_size,
         "query_max_len": query_max_len,
         "passage_max_len": passage_max_len,
         "device": device,

@@ -11,23 +11,44 @@ from pathlib import Path
 from typing import IO
 
 import typer
+from rich.markup import escape
 
-from colbertkit.cli._common import DType, handle_errors, progress_bar, stderr_console
+from colbertkit import defaults
+from colbertkit.cli._common import (
+    DType,
+    debug_option,
+    device_option,
+    dtype_option,
+    encode_batch_size_option,
+    handle_errors,
+    max_len_option,
+    quiet_option,
+    stderr_console,
+    trust_remote_code_option,
+)
 from colbertkit.errors import UsageError
+from colbertkit.progress import progress_bar
 
 
 class OutputFormat(str, enum.Enum):
     auto = "auto"
     table = "table"
     tsv = "tsv"
-    jsonl = "jsonl"
+    json = "json"
+    jsonl = "jsonl"  # the same as json: one object a line
     trec = "trec"
+
+
+# Below this width a table cannot show the texts: TSV instead.
+MIN_TABLE_WIDTH = 60
 
 
 @handle_errors
 def score_command(
     checkpoint: str = typer.Argument(
-        ..., help="Checkpoint directory (colbertkit or reference layout), packaged model or hub id."
+        ...,
+        help="A run directory, best/, checkpoints/step-N, a colbertkit or reference / BGE-M3 "
+        "model directory, a packaged model or a hub id.",
     ),
     pairs: str = typer.Argument(
         ..., help="TSV of query<TAB>passage or qid<TAB>query<TAB>pid<TAB>passage; '-' for stdin."
@@ -39,27 +60,20 @@ def score_command(
         OutputFormat.auto,
         "--format",
         "-f",
-        help="auto: a table on a terminal, TSV otherwise. trec needs ids and ranks.",
+        help="auto: a table on a terminal, TSV otherwise; json: one object a line (jsonl is "
+        "the same); trec: a ranked run file (needs ids).",
     ),
     rank: bool = typer.Option(
         False, "--rank", help="Sort each query's passages by score (needs ids)."
     ),
     top_k: int | None = typer.Option(
-        None, "--top-k", min=1, help="With --rank: keep the best K per query."
+        None, "--top-k", min=1, metavar="K", help="With --rank: keep the best K per query."
     ),
-    batch_size: int = typer.Option(
-        32, "--batch-size", "-b", min=1, help="Texts per encoder batch."
-    ),
-    query_max_len: int | None = typer.Option(
-        None, "--query-max-len", min=2, help="Default: the checkpoint's metadata, else 128."
-    ),
-    passage_max_len: int | None = typer.Option(
-        None, "--passage-max-len", min=2, help="Default: the checkpoint's metadata, else 512."
-    ),
-    device: str = typer.Option(
-        "auto", "--device", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps."
-    ),
-    dtype: DType = typer.Option(DType.fp32, "--dtype", help="Model precision; fp16 needs a GPU."),
+    encode_batch_size: int = encode_batch_size_option(),
+    query_max_len: int | None = max_len_option("query"),
+    passage_max_len: int | None = max_len_option("passage"),
+    device: str = device_option(),
+    dtype: DType = dtype_option(),
     pad_floor: bool = typer.Option(
         False,
         "--pad-floor",
@@ -69,24 +83,31 @@ def score_command(
         None,
         "--colbert-dim",
         min=1,
-        help="Check the head's size; with --fresh-head, size it (default 128).",
+        help="Check the head's size; with --fresh-head, size it "
+        f"(default {defaults.FRESH_COLBERT_DIM}).",
     ),
     fresh_head: bool = typer.Option(
         False, "--fresh-head", help="Attach a new, seeded head (for an encoder without one)."
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of --fresh-head."),
-    trust_remote_code: bool = typer.Option(
-        False,
-        "--trust-remote-code",
-        help="Allow the checkpoint's own Python code (off by default).",
-    ),
+    trust_remote_code: bool = trust_remote_code_option(),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar on stderr."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only errors on stderr."),
+    quiet: bool = quiet_option(),
+    debug: bool = debug_option(),
 ) -> None:
-    """Print the MaxSim score of each query/passage pair, in input order (or ranked)."""
+    """Print the MaxSim score of each query/passage pair, in input order (or ranked).
+
+    Examples:
+
+      colbertkit score runs/demo example_data/queries.tsv --rank
+
+      colbertkit score runs/demo pairs.tsv --output scores.tsv
+
+      colbertkit score runs/demo run.tsv --format trec --top-k 10 > run.trec
+    """
     from colbertkit.checkpoint import load_checkpoint
     from colbertkit.pairs import open_pairs
-    from colbertkit.scorer import PairScorer, pick_device, pick_dtype
+    from colbertkit.scorer import PairScorer, pick_device, pick_dtype, rank_scored_pairs
 
     fmt = _resolve_format(output_format, output)
     rank = rank or fmt == OutputFormat.trec  # a run file is ranked by definition
@@ -97,6 +118,12 @@ def score_command(
     target = pick_device(device)
     torch_dtype = pick_dtype(dtype.value, target)
     source = open_pairs(pairs)  # checks every line before any model is loaded
+    console = stderr_console()
+
+    def note(line: str) -> None:
+        if not quiet:
+            console.print(f"[dim]{escape(line)}[/]", highlight=False)
+
     try:
         if rank and not source.has_ids:
             raise UsageError(
@@ -116,36 +143,29 @@ def score_command(
             loaded.tokenizer,
             query_max_len=query_max_len or loaded.query_max_len,
             passage_max_len=passage_max_len or loaded.passage_max_len,
-            batch_size=batch_size,
+            batch_size=encode_batch_size,
             pad_floor=pad_floor,
         )
-        console = stderr_console()
-        if not quiet:
-            for note in loaded.notes:
-                console.print(f"[dim]{note}[/]", highlight=False)
-            console.print(
-                f"[dim]scoring {source.count} pairs on {target} ({dtype.value}), "
-                f"query/passage max len {scorer.query_max_len}/{scorer.passage_max_len}"
-                f"{', pad floor' if pad_floor else ''}[/]",
-                highlight=False,
-            )
-        with _open_output(output) as out:
-            with progress_bar("scoring", source.count, enabled=progress and not quiet) as advance:
-                texts = ((pair.query, pair.passage) for pair in source.pairs())
-                scored = zip(source.pairs(), scorer.score(texts, progress=advance), strict=True)
-                if fmt == OutputFormat.table:
-                    results = list(scored)  # a table is for a terminal: small inputs
-                elif rank:
-                    # Ranking needs every score first; keep ids and scores, not texts.
-                    qids_and_scores = [(pair.qid, score) for pair, score in scored]
-                else:
-                    for pair, score in scored:  # streamed: memory stays bounded
-                        out.write(_format_line(pair, score, fmt))
-                    return
-            if fmt == OutputFormat.table:
-                _print_table(results, rank, top_k, out)
+        for line in loaded.notes:
+            note(line)
+        note(
+            f"scoring {source.count} pairs on {target} ({dtype.value}), "
+            f"query/passage max len {scorer.query_max_len}/{scorer.passage_max_len}"
+            f"{', pad floor' if pad_floor else ''}"
+        )
+        bar = progress_bar("scoring", source.count, enabled=progress and not quiet)
+        with _open_output(output) as out, bar as advance:
+            texts = ((pair.query, pair.passage) for pair in source.pairs())
+            scored = zip(source.pairs(), scorer.score(texts, progress=advance), strict=True)
+            if rank:
+                rows = rank_scored_pairs(source, scored, top_k, note=note)
             else:
-                _write_ranked(source, qids_and_scores, top_k, fmt, out)
+                rows = ((pair, None, score) for pair, score in scored)
+            if fmt == OutputFormat.table:
+                _print_table(list(rows), has_ids=source.has_ids, ranked=rank, out=out)
+            else:
+                for pair, position, score in rows:  # streamed: memory stays bounded
+                    out.write(_format_line(pair, score, fmt, position))
     finally:
         source.close()
 
@@ -172,7 +192,7 @@ def _resolve_format(requested: OutputFormat, output: Path | None) -> OutputForma
 
 
 def _format_line(pair, score: float, fmt: OutputFormat, rank: int | None = None) -> str:
-    if fmt == OutputFormat.jsonl:
+    if fmt in (OutputFormat.json, OutputFormat.jsonl):
         record = {"line": pair.line}
         if pair.qid is not None:
             record["qid"] = pair.qid
@@ -197,50 +217,50 @@ def _format_line(pair, score: float, fmt: OutputFormat, rank: int | None = None)
     return "\t".join(columns) + "\n"
 
 
-def _write_ranked(source, qids_and_scores, top_k, fmt, out: IO[str]) -> None:
-    """Write the kept pairs best first; their texts are read again from the checked input."""
-    from colbertkit.scorer import rank_by_query
-
-    scores = [score for _, score in qids_and_scores]
-    order = rank_by_query([qid for qid, _ in qids_and_scores], scores, top_k)
-    kept = {index for index, _ in order}
-    pairs = {index: pair for index, pair in enumerate(source.pairs()) if index in kept}
-    for index, position in order:
-        out.write(_format_line(pairs[index], scores[index], fmt, position))
-
-
-def _print_table(rows, rank: bool, top_k: int | None, out: IO[str]) -> None:
+def _print_table(rows, *, has_ids: bool, ranked: bool, out: IO[str]) -> None:
+    """A table that fits the terminal: ids, rank and score keep their width; the texts shrink
+    and end in an ellipsis. Too narrow for the texts: TSV instead."""
     from rich.console import Console
     from rich.table import Table
 
-    from colbertkit.scorer import rank_by_query
+    console = Console(file=out)
+    fixed = []  # (header, cells) of the columns that never shrink
+    if has_ids:
+        fixed += [("qid", [p.qid for p, _, _ in rows]), ("pid", [p.pid for p, _, _ in rows])]
+    if ranked:
+        fixed.append(("rank", [str(r) for _, r, _ in rows]))
+    fixed.append(("score", [f"{s:.4f}" for _, _, s in rows]))
+    widths = {name: max(len(name), *(len(c) for c in cells)) for name, cells in fixed}
+    # Each column takes its width + 2 padding + 1 border, plus the table's outer border.
+    texts_room = console.width - sum(w + 3 for w in widths.values()) - 2 * 3 - 1
+    if console.width < MIN_TABLE_WIDTH or texts_room < 2 * 8:
+        for pair, position, score in rows:
+            out.write(_format_line(pair, score, OutputFormat.tsv, position))
+        return
+    table = Table(show_lines=False, expand=False)
 
-    pairs = [pair for pair, _ in rows]
-    scores = [score for _, score in rows]
-    has_ids = pairs[0].qid is not None
-    if rank:
-        order = rank_by_query([p.qid for p in pairs], scores, top_k)
-    else:
-        order = [(i, None) for i in range(len(pairs))]
-    table = Table(show_lines=False)
+    def fixed_column(name: str, **options) -> None:
+        table.add_column(name, no_wrap=True, width=widths[name], **options)
+
+    # The texts share what is left: a third for the query, the rest for the passage.
+    query_width = min(max(len("query"), *(len(p.query) for p, _, _ in rows)), texts_room // 3)
+    passage_width = texts_room - query_width
+    text = {"no_wrap": True, "overflow": "ellipsis"}
     if has_ids:
-        table.add_column("qid")
-    table.add_column("query", overflow="fold", max_width=40)
+        fixed_column("qid")
+    table.add_column("query", max_width=query_width, **text)
     if has_ids:
-        table.add_column("pid")
-    table.add_column("passage", overflow="ellipsis", no_wrap=True, max_width=60)
-    if rank:
-        table.add_column("rank", justify="right")
-    table.add_column("score", justify="right")
-    for index, position in order:
-        pair = pairs[index]
-        cells = (
-            [pair.qid, pair.query, pair.pid, pair.passage]
-            if has_ids
-            else [pair.query, pair.passage]
-        )
-        if rank:
+        fixed_column("pid")
+    table.add_column("passage", max_width=passage_width, **text)
+    if ranked:
+        fixed_column("rank", justify="right")
+    fixed_column("score", justify="right")
+    for pair, position, score in rows:
+        cells = [pair.query, pair.passage]
+        if has_ids:
+            cells = [pair.qid, pair.query, pair.pid, pair.passage]
+        if ranked:
             cells.append(str(position))
-        cells.append(f"{scores[index]:.4f}")
+        cells.append(f"{score:.4f}")
         table.add_row(*cells)
-    Console(file=out).print(table)
+    console.print(table)

@@ -8,23 +8,25 @@ Exit codes: 0 no errors (warnings allowed unless ``--strict``), 1 errors found (
 
 from __future__ import annotations
 
-import enum
 import sys
 from pathlib import Path
 from typing import Any
 
 import typer
 
-from colbertkit.cli._common import handle_errors, progress_bar
+from colbertkit import defaults
+from colbertkit.cli._common import (
+    ReportFormat,
+    debug_option,
+    handle_errors,
+    quiet_option,
+    report_format_option,
+)
 from colbertkit.errors import ColbertkitError
+from colbertkit.progress import progress_bar
 
 # Files smaller than this validate in about a second: no progress bar.
 PROGRESS_MIN_BYTES = 64 * 1024 * 1024
-
-
-class ReportFormat(str, enum.Enum):
-    text = "text"
-    json = "json"
 
 
 @handle_errors
@@ -49,20 +51,25 @@ def validate_command(
         help="Tokenizer (local directory, packaged model or hub id): adds token lengths.",
     ),
     query_max_len: int = typer.Option(
-        128, "--query-max-len", min=2, help="With --model: query tokens kept (CLS, SEP included)."
+        defaults.QUERY_MAX_LEN,
+        "--query-max-len",
+        min=2,
+        help="With --model: query tokens kept (CLS, SEP included).",
     ),
     passage_max_len: int = typer.Option(
-        512, "--passage-max-len", min=2, help="With --model: passage tokens kept."
+        defaults.PASSAGE_MAX_LEN,
+        "--passage-max-len",
+        min=2,
+        help="With --model: passage tokens kept.",
     ),
     batch_size: int | None = typer.Option(
-        None, "--batch-size", "-b", min=1, help="Examples per step, for steps per epoch."
+        None,
+        "--batch-size",
+        min=1,
+        help="Queries (examples) per step on one process, as the profile's batch_size: gives "
+        "steps per epoch.",
     ),
-    report_format: ReportFormat = typer.Option(
-        ReportFormat.text,
-        "--format",
-        "-f",
-        help="text: a summary (rich on a terminal, plain when piped); json: for machines.",
-    ),
+    report_format: ReportFormat = report_format_option(),
     strict: bool = typer.Option(False, "--strict", help="Warnings fail too (exit 1)."),
     examples: int = typer.Option(
         5, "--examples", min=0, help="Problems shown per kind; the rest are counted."
@@ -82,8 +89,19 @@ def validate_command(
     progress: bool = typer.Option(
         True, "--progress/--no-progress", help="Progress bar on stderr (large files, terminal)."
     ),
+    quiet: bool = quiet_option(),
+    debug: bool = debug_option(),
 ) -> None:
-    """Check training data: schema, content, duplicates, eval leaks, statistics."""
+    """Check training data: schema, content, duplicates, eval leaks, statistics.
+
+    Examples:
+
+      colbertkit validate-data train.jsonl
+
+      colbertkit validate-data train.jsonl --eval eval.jsonl --neg-nums 15
+
+      colbertkit validate-data train.jsonl --format json > report.json
+    """
     from colbertkit.validation import validate_dataset
 
     total_bytes = sum(path.stat().st_size for path in (file, eval_file) if path and path.is_file())
@@ -107,6 +125,8 @@ def validate_command(
     if report_format == ReportFormat.json:
         sys.stdout.write(report.to_json() + "\n")
         sys.stdout.flush()
+    elif quiet:
+        pass  # the exit code and, on failure, the one-line error say it all
     elif sys.stdout.isatty():
         _render_rich(data, strict)
     else:
