@@ -27,6 +27,7 @@ _LAZY = {
     "open_checkpoint": "colbertkit.checkpoint",
     "mine_negatives": "colbertkit.mining",
     "MiningReport": "colbertkit.mining",
+    "evaluate": "colbertkit.evaluation",
 }
 
 __all__ = ["__version__", *_LAZY]

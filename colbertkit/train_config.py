@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from colbertkit import defaults
 from colbertkit.errors import UsageError, describe_validation_error, unknown_key_hint
+from colbertkit.metrics import metric_names
 
 # Names users bring from the reference scripts and Hugging Face's Trainer.
 FAMILIAR_NAMES = {
@@ -246,7 +247,7 @@ class TrainConfig(BaseModel):
 
     def metric_names(self) -> list[str]:
         """The eval metrics this configuration computes, in log order."""
-        return ["mrr@10", "ndcg@10", *(f"recall@{k}" for k in sorted(set(self.recall_at)))]
+        return metric_names(self.recall_at)
 
 
 def load_train_config(settings: TrainConfig | Mapping[str, Any]) -> TrainConfig:

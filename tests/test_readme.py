@@ -254,6 +254,57 @@ def check_mine_teacher(result, ws):
     assert all(len(row["pos_scores"]) == len(row["pos"]) for row in rows)
 
 
+def metric_rows(stdout: str) -> dict[str, list[str]]:
+    """metric -> the cells after its name in evaluate's plain-text table."""
+    rows = [line.split() for line in stdout.splitlines()]
+    return {r[0]: r[1:] for r in rows if r and r[0] in ("mrr@10", "ndcg@10", "recall@5", "map")}
+
+
+def check_evaluate_rows(result, ws):
+    assert "queries: 20 counted (eval rows of example_data/eval.jsonl)" in result.stdout
+    rows = metric_rows(result.stdout)
+    assert set(rows) == {"mrr@10", "ndcg@10", "recall@5", "map"}
+    assert all(0 < float(cells[0]) <= 1 for cells in rows.values())
+
+
+def check_evaluate_baseline(result, ws):
+    assert "attached a fresh head 384 -> 128" in result.stderr  # the baseline's
+    assert "95% interval" in result.stdout
+    won, lost, tied = map(int, metric_rows(result.stdout)["mrr@10"][-3:])
+    assert won + lost + tied == 20
+
+
+def per_query_means(ws: Path) -> dict[str, float]:
+    header, *lines = [line.split("\t") for line in (ws / "per_query.tsv").read_text().splitlines()]
+    columns = {name: header.index(name) for name in ("mrr@10", "ndcg@10", "recall@5", "map")}
+    return {
+        name: sum(float(cells[i]) for cells in lines) / len(lines) for name, i in columns.items()
+    }
+
+
+def check_evaluate_qrels(result, ws):
+    assert "queries: 2 counted (judged by example_data/qrels.tsv)" in result.stdout
+    lines = (ws / "per_query.tsv").read_text().splitlines()
+    assert [line.split("\t")[:4] for line in lines[1:]] == [
+        ["q1", "ranked", "3", "1"],
+        ["q2", "ranked", "3", "1"],
+    ]
+
+
+def check_evaluate_scores(result, ws):
+    assert "read run.trec as a TREC run file" in result.stdout
+    # run.trec holds the scores of runs/demo: the numbers the model gave above
+    shown = {name: float(cells[0]) for name, cells in metric_rows(result.stdout).items()}
+    assert shown == pytest.approx(per_query_means(ws), abs=1e-4)
+
+
+def check_evaluate_json(result, ws):
+    report = json.loads((ws / "evaluation.json").read_text())
+    assert report["system"]["name"] == "sentence-transformers/all-MiniLM-L6-v2"
+    assert report["baseline"]["name"] == "run.trec" and report["queries"] == 2
+    assert set(report["comparison"]) == set(report["metrics"])
+
+
 CHECKS: dict[str, tuple[int, Check]] = {
     "colbertkit train --profile demo --overwrite && colbertkit score runs/demo "
     "example_data/queries.tsv --rank": (0, check_demo),
@@ -312,6 +363,18 @@ CHECKS: dict[str, tuple[int, Check]] = {
     "colbertkit mine queries.jsonl corpus.jsonl distill.jsonl --range 1:30 --neg-nums 4 "
     "--teacher cross-encoder --format json > mining.json": (0, check_mine_teacher),
     "colbertkit validate-data mined.jsonl --neg-nums 4": (0, check_validate),
+    "colbertkit evaluate runs/demo example_data/eval.jsonl": (0, check_evaluate_rows),
+    "colbertkit evaluate runs/demo example_data/eval.jsonl --baseline "
+    "sentence-transformers/all-MiniLM-L6-v2 --baseline-fresh-head": (0, check_evaluate_baseline),
+    "colbertkit evaluate runs/demo example_data/queries.tsv --qrels example_data/qrels.tsv "
+    "--per-query per_query.tsv": (0, check_evaluate_qrels),
+    "colbertkit evaluate --scores run.trec --qrels example_data/qrels.tsv": (
+        0,
+        check_evaluate_scores,
+    ),
+    "colbertkit evaluate sentence-transformers/all-MiniLM-L6-v2 example_data/queries.tsv --qrels "
+    "example_data/qrels.tsv --fresh-head --baseline-scores run.trec --format json > "
+    "evaluation.json": (0, check_evaluate_json),
 }
 
 

@@ -149,7 +149,7 @@ def test_config_defaults_are_the_reference_loss():
     config = TrainConfig(model="m", dataset="d", output_dir="o")
     assert config.temperature == 0.02
     assert not config.other_positives_as_negatives
-    assert config.metric_names() == ["mrr@10", "ndcg@10", "recall@5", "recall@10"]
+    assert config.metric_names() == ["mrr@10", "ndcg@10", "recall@5", "recall@10", "map"]
 
 
 def test_fp16_on_cpu_is_an_error_naming_the_fix(tmp_path, colbertkit_dir, dataset):
