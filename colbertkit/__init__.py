@@ -25,6 +25,9 @@ _LAZY = {
     "export_model": "colbertkit.export",
     "launch": "colbertkit.launcher",
     "open_checkpoint": "colbertkit.checkpoint",
+    "mine_negatives": "colbertkit.mining",
+    "MiningReport": "colbertkit.mining",
+    "evaluate": "colbertkit.evaluation",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -330,6 +330,11 @@ def _describe(detail: Any, obj: Any) -> tuple[str, str]:
     if kind in ("scores_mismatch", "missing_scores"):
         return kind, detail["msg"]
     if kind == "model_type":
+        if isinstance(value, list):
+            return "not_object", (
+                "the line is a JSON array, not an object: write JSON Lines, one object a line "
+                "(e.g. jq -c '.[]' on a JSON array file)"
+            )
         return "not_object", f"the line is {_type_name(value)}, not a JSON object"
     if kind == "missing":
         if loc == ("neg",) and isinstance(obj, dict) and "pos_scores" in obj:
@@ -434,7 +439,9 @@ def parse_line(line: bytes | None, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES)
     if line is LINE_TOO_LONG:
         return ParsedLine(
             problem=RowProblem(
-                "line_too_long", f"line longer than {max_line_bytes:,} bytes (the size limit)"
+                "line_too_long",
+                f"line longer than {max_line_bytes:,} bytes (the size limit; raise "
+                "`max_line_bytes` if the row is meant to be that long)",
             )
         )
     parsed = ParsedLine()
@@ -446,6 +453,12 @@ def parse_line(line: bytes | None, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES)
         line = line[3:]
     if not line or line.isspace():
         parsed.blank = True
+        return parsed
+    if b"\x00" in line:
+        parsed.problem = RowProblem(
+            "invalid_utf8",
+            "the line holds NUL bytes: a binary file or UTF-16 text, not UTF-8 JSON Lines",
+        )
         return parsed
     try:
         # Strict UTF-8 first: json.loads(bytes) would guess UTF-16/32 from the first bytes and
@@ -462,7 +475,10 @@ def parse_line(line: bytes | None, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES)
         reason = getattr(error, "msg", str(error))
         column = getattr(error, "colno", None)
         at = f" at column {column}" if column is not None else ""
-        parsed.problem = RowProblem("invalid_json", f"not valid JSON: {reason}{at}")
+        hint = ""
+        if line.strip() in (b"[", b"{"):
+            hint = " (this looks like a pretty-printed JSON document: write one object per line)"
+        parsed.problem = RowProblem("invalid_json", f"not valid JSON: {reason}{at}{hint}")
     else:
         # A lone-surrogate escape is the only way a valid UTF-8 line yields non-Unicode text.
         parsed.maybe_surrogates = b"\\ud" in line or b"\\uD" in line

@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -58,7 +58,7 @@ from colbertkit.checkpoint.tensors import (
 from colbertkit.errors import UsageError, validate_options
 from colbertkit.precision import DTypeName, torch_dtype
 
-FORMATS = ("colbertkit", "reference")
+LAYOUTS = ("colbertkit", "reference")
 # Largest allowed |score(source) - score(export)|. Scores are means of cosine similarities, in
 # [-1, 1]. fp32 copies bits, so any difference is arithmetic noise; fp16/bf16 round every weight
 # (relative error 2^-11 / 2^-8), which moves MiniLM's scores by about 2e-4 / 7e-4, while a wrong
@@ -96,7 +96,7 @@ class ExportReport:
     source_kind: str  # "colbertkit" | "reference" | "training"
     description: str  # what was found, e.g. "training checkpoint (step 400, model.safetensors)"
     out: Path
-    format: str
+    layout: str  # colbertkit | reference
     dtype: str
     colbert_dim: int
     hidden_size: int
@@ -112,6 +112,12 @@ class ExportReport:
     notes: list[str] = field(default_factory=list)
     form: str = ""  # what the source was, in words (e.g. "training checkpoint step 400")
 
+    def to_dict(self) -> dict[str, Any]:
+        """The report for machines (``colbertkit export --format json``)."""
+        data = {key: getattr(self, key) for key in self.__dataclass_fields__}
+        data.update(source=str(self.source), out=str(self.out))
+        return {"format": "colbertkit.export-report", "format_version": 1, **data}
+
 
 # --------------------------------------------------------------------------------------------
 # The verb
@@ -122,7 +128,7 @@ def export_model(
     source: str | os.PathLike[str],
     out: str | os.PathLike[str],
     *,
-    format: str = "colbertkit",
+    layout: str = "colbertkit",
     dtype: str = "fp32",
     force: bool = False,
     verify: bool = True,
@@ -137,7 +143,7 @@ def export_model(
 ) -> ExportReport:
     """Write ``source`` (any supported checkpoint) to ``out`` in safetensors, then verify it.
 
-    ``format``: ``colbertkit`` (encoder ``model.safetensors``, ``colbert_linear.safetensors``,
+    ``layout``: ``colbertkit`` (encoder ``model.safetensors``, ``colbert_linear.safetensors``,
     ``colbertkit.json``, config, tokenizer) or ``reference`` (the same encoder and a plain-tensor
     ``colbert_linear.pt``). ``dtype``: ``fp32``, ``fp16`` or ``bf16`` for floating tensors.
 
@@ -153,7 +159,7 @@ def export_model(
     """
     options = validate_options(
         ExportOptions,
-        format=format,
+        layout=layout,
         dtype=dtype,
         tolerance=tolerance,
         query_max_len=query_max_len,
@@ -196,7 +202,7 @@ def export_model(
 
     start = time.perf_counter()
     with atomic_directory(out) as tmp:
-        tensors = _write_export(src, tmp, format=options.format, dtype=dtype, progress=progress)
+        tensors = _write_export(src, tmp, layout=options.layout, dtype=dtype, progress=progress)
         src.release()
         write_seconds = time.perf_counter() - start
         report = ExportReport(
@@ -204,7 +210,7 @@ def export_model(
             source_kind=src.kind,
             description=src.description,
             out=out,
-            format=options.format,
+            layout=options.layout,
             dtype=dtype,
             colbert_dim=src.colbert_dim,
             hidden_size=src.hidden_size,
@@ -242,7 +248,7 @@ class ExportOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    format: Literal["colbertkit", "reference"] = "colbertkit"
+    layout: Literal["colbertkit", "reference"] = "colbertkit"
     dtype: DTypeName = "fp32"
     tolerance: float | None = Field(default=None, ge=0)
     query_max_len: int | None = Field(default=None, ge=2)
@@ -285,7 +291,7 @@ def _write_export(
     source: CheckpointSource,
     tmp: Path,
     *,
-    format: str,
+    layout: str,
     dtype: str,
     progress: Callable[[int, int], None] | None,
 ) -> int:
@@ -306,7 +312,7 @@ def _write_export(
             progress(done, total)
 
     write_safetensors(source.encoder, tmp / ENCODER_FILE, dtype=target, progress=advance)
-    if format == "colbertkit":
+    if layout == "colbertkit":
         head_entries = [
             TensorEntry(key, tuple(value.shape), value.dtype, lambda v=value: v)
             for key, value in head_state.items()
@@ -327,7 +333,7 @@ def _write_export(
     for name, file in tokenizer_files(source.config_dir).items():
         shutil.copyfile(file, tmp / name)
 
-    if format == "colbertkit":
+    if layout == "colbertkit":
         architectures = config.get("architectures") or [config.get("model_type", "")]
         metadata = CheckpointMetadata(
             colbert_dim=source.colbert_dim,

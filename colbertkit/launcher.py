@@ -38,7 +38,7 @@ from colbertkit.checkpoint.run import (
     read_trainer_state,
     run_of,
 )
-from colbertkit.errors import ColbertkitError, UsageError
+from colbertkit.errors import DEBUG_ENV, ColbertkitError, UsageError, first_line
 from colbertkit.profile import LAUNCHER_SETTINGS, Profile, ResolvedProfile
 
 SHARDING_IN_WORDS = {
@@ -353,7 +353,7 @@ class LaunchPlan:
     lines: list[str]  # the plan in words
     notes: list[str] = field(default_factory=list)  # e.g. settings that differ from the model
     problems: list[str] = field(default_factory=list)  # what would stop the launch (dry run)
-    run_directory: str = "new"  # "new" | "replace" | "resume"
+    run_directory: str = "new"  # "new" | "replace" | "resume" | "refused" (see problems)
     overwrite: bool = False
     validate: bool = True
 
@@ -474,6 +474,7 @@ def plan_launch(
         if resuming:
             _check_resumable(chosen)
     except UsageError as error:
+        run_directory = "refused"
         problem(error)
 
     num_examples = None
@@ -484,7 +485,14 @@ def plan_launch(
     layer_class = chosen.distributed.fsdp_layer_class
     try:
         if chosen.distributed.strategy == "fsdp" and layer_class is None:
-            layer_class = transformer_layer_class(chosen.model, chosen.trust_remote_code)
+            try:
+                layer_class = transformer_layer_class(chosen.model, chosen.trust_remote_code)
+            except ColbertkitError as error:
+                raise UsageError(
+                    f"cannot find the layer class FSDP wraps for {chosen.model} "
+                    f"({first_line(error)}); set distributed.fsdp_layer_class (e.g. "
+                    "XLMRobertaLayer for bge-m3, BertLayer for BERT models)"
+                ) from error
         accelerate = accelerate_config(chosen, gpu=gpu, layer_class=layer_class)
     except ColbertkitError as error:
         problem(error)
@@ -516,8 +524,13 @@ def plan_launch(
     )
 
 
-def run_plan(plan: LaunchPlan, *, log: Callable[[str], None] | None = None) -> int:
-    """Prepare the run directory, write the launch files and run the launch; its exit code."""
+def run_plan(
+    plan: LaunchPlan, *, log: Callable[[str], None] | None = None, debug: bool = False
+) -> int:
+    """Prepare the run directory, write the launch files and run the launch; its exit code.
+
+    ``debug`` lets the workers show tracebacks.
+    """
     if plan.problems or plan.accelerate is None:
         raise UsageError(plan.problems[0] if plan.problems else "the launch was not planned")
     profile = plan.profile
@@ -530,7 +543,8 @@ def run_plan(plan: LaunchPlan, *, log: Callable[[str], None] | None = None) -> i
         for line in plan.lines:
             log(line)
         log(f"launching: {' '.join(files.command)}")
-    return run_launch(files.command)
+    env = {**os.environ, DEBUG_ENV: "1"} if debug else None
+    return run_launch(files.command, env=env)
 
 
 def write_resolved_profile(profile: Profile) -> Path:

@@ -90,6 +90,13 @@ class Profile(TrainConfig):
         to): N workers need not read a large file N more times.
         """
         settings = self.model_dump(exclude={"distributed"})
+        # Absolute paths: the workers, and a later --resume from another directory, read the
+        # same files the launcher checked.
+        for key in ("dataset", "eval_dataset", "output_dir"):
+            if settings.get(key) is not None:
+                settings[key] = Path(settings[key]).absolute()
+        if Path(settings["model"]).exists():
+            settings["model"] = str(Path(settings["model"]).absolute())
         settings["expected_num_processes"] = self.distributed.world_size
         settings["validate_data"] = validate_data
         return TrainConfig.model_validate(settings)

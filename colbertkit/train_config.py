@@ -9,6 +9,7 @@ when training starts).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -17,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from colbertkit import defaults
 from colbertkit.errors import UsageError, describe_validation_error, unknown_key_hint
+from colbertkit.metrics import metric_names
 
 # Names users bring from the reference scripts and Hugging Face's Trainer.
 FAMILIAR_NAMES = {
@@ -318,7 +320,7 @@ class TrainConfig(BaseModel):
 
     def metric_names(self) -> list[str]:
         """The eval metrics this configuration computes, in log order."""
-        return ["mrr@10", "ndcg@10", *(f"recall@{k}" for k in sorted(set(self.recall_at)))]
+        return metric_names(self.recall_at)
 
 
 def load_train_config(settings: TrainConfig | Mapping[str, Any]) -> TrainConfig:
@@ -341,11 +343,25 @@ def resume_conflicts(saved: Mapping[str, Any], config: TrainConfig) -> list[str]
     """Settings of ``config`` that differ from the ``saved`` settings of the run being resumed
     and would change its result (``"lr: 2e-05 -> 1e-05"``); empty when resuming is sound."""
     current = config.model_dump(mode="json")
-    # A setting added after the run was written has its default there.
     fields = TrainConfig.model_fields
-    changed = []
-    for key in sorted(current):
-        before = saved.get(key, fields[key].get_default(call_default_factory=True))
-        if key not in RESUMABLE_CHANGES and before != current[key]:
-            changed.append(f"{key}: {before!r} -> {current[key]!r}")
-    return changed
+
+    def saved_value(key: str) -> Any:
+        # A setting added after the run was written has its default there.
+        return saved.get(key, fields[key].get_default(call_default_factory=True))
+
+    def same(key: str) -> bool:
+        ours, theirs = current[key], saved_value(key)
+        if key in PATH_SETTINGS and ours and theirs and Path(ours).exists():
+            # runs/x and /home/me/runs/x are the same file (profile.yaml stores absolute paths)
+            return os.path.abspath(ours) == os.path.abspath(theirs)
+        return ours == theirs
+
+    return [
+        f"{key}: {saved_value(key)!r} -> {current[key]!r}"
+        for key in sorted(current)
+        if key not in RESUMABLE_CHANGES and not same(key)
+    ]
+
+
+# Settings that name files: equal when they name the same file.
+PATH_SETTINGS = frozenset({"model", "dataset", "eval_dataset", "output_dir"})

@@ -114,8 +114,13 @@ TOKENIZER_BATCH_TEXTS = 2048
 MOST_REPEATED_SHOWN = 5
 EXTRA_KEY_NAMES_KEPT = 50
 
+# Past this many negatives in a row, sampling copies and evaluation ranks a huge list each time.
+MANY_NEGATIVES = 1000
+
 WARNING_KINDS: dict[str, str] = {
     "few_negatives": "fewer negatives than neg_nums: drawn with repetition (duplicates)",
+    "many_negatives": f"more than {MANY_NEGATIVES:,} negatives in one row (slow to sample "
+    "and to evaluate)",
     "false_negative": "the same text in pos and neg of one row",
     "duplicate_text": "the same text twice in one pos or neg list",
     "duplicate_row": "a row identical to an earlier one (extra keys ignored)",
@@ -507,8 +512,11 @@ class ValidationReport:
 
     def raise_for_errors(self, strict: bool = False) -> None:
         """Raise :class:`ColbertkitError` if there are errors (or, with ``strict``, warnings)."""
-        paths = " ".join(report.path for report in self.files if report.role == "train")
-        fix = f"run `colbertkit validate-data {paths}` for the full report"
+        command = " ".join(
+            report.path if report.role == "train" else f"--eval {report.path}"
+            for report in self.files
+        )
+        fix = f"run `colbertkit validate-data {command}` for the full report"
         if not self.ok:
             raise ColbertkitError(f"{self.summary_line()}; {fix}")
         if strict and self.warning_count:
@@ -605,7 +613,9 @@ class _FileScan:
         errors = report.errors
         warnings = report.warnings
         settings = self.settings
-        rules = settings.rules
+        # Eval rows rank pos + neg: they need no negatives and no teacher scores (the trainer
+        # reads them that way).
+        rules = settings.rules if report.role == "train" else RowRules(require_negatives=False)
         max_line_bytes = settings.max_line_bytes
         line_number = 0
         with open_data_file(self.path) as file:
@@ -662,6 +672,13 @@ class _FileScan:
         self.positive_chars.add_many([len(text) for text in positives])
         self.negative_chars.add_many([len(text) for text in negatives])
 
+        if negative_count > MANY_NEGATIVES:
+            warnings.add(
+                "many_negatives",
+                line,
+                f"{negative_count:,} negatives: every epoch copies the list to sample neg_nums "
+                "of them, and evaluation ranks them all; keep the hardest few hundred",
+            )
         neg_nums = settings.neg_nums
         if neg_nums and 0 < negative_count < neg_nums:
             repeats = expected_duplicates(negative_count, neg_nums)
@@ -958,6 +975,11 @@ def validate_dataset(
         files.append(eval_report)
 
     notes = []
+    if neg_nums == 0:
+        notes.append(
+            "neg_nums 0: training then has no hard negatives and needs "
+            "other_positives_as_negatives: true (the batch's other positives) and batch_size >= 2"
+        )
     for report in files:
         if not report.duplicate_detection["complete"]:
             notes.append(

@@ -160,3 +160,27 @@ def training_run(tmp_path_factory, colbertkit_dir) -> Path:
 def training_checkpoint(training_run) -> Path:
     (checkpoint,) = sorted((training_run / "checkpoints").iterdir())
     return checkpoint
+
+
+@pytest.fixture(scope="session")
+def cross_encoder_dir(tmp_path_factory) -> Path:
+    """A tiny BertForSequenceClassification (one label): a cross-encoder, e.g. a teacher."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    _, tokenizer, _ = _build_tiny()
+    config = BertConfig(
+        vocab_size=len(build_vocab()),
+        hidden_size=HIDDEN,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=512,
+        num_labels=1,
+    )
+    torch.manual_seed(1)
+    model = BertForSequenceClassification(config).eval()
+    path = tmp_path_factory.mktemp("cross_encoder")
+    model.save_pretrained(str(path))
+    tokenizer.save_pretrained(str(path))
+    return path

@@ -99,6 +99,10 @@ LAYER_RULES = [
     ("colbertkit.scoring", ("colbertkit.model", "colbertkit.checkpoint", "colbertkit.training")),
     ("colbertkit.losses", ("colbertkit.model", "colbertkit.checkpoint", "colbertkit.training")),
     ("colbertkit.metrics", ("colbertkit.model", "colbertkit.checkpoint", "colbertkit.training")),
+    ("colbertkit.runs", ("colbertkit.model", "colbertkit.checkpoint", "colbertkit.training",
+                         "colbertkit.scorer")),
+    ("colbertkit.evaluation", ("colbertkit.cli", "colbertkit.training", "colbertkit.launcher",
+                               "colbertkit.export")),
 ]  # fmt: skip
 
 

@@ -43,7 +43,7 @@ def test_export_prints_what_it_found_wrote_and_verified(reference_dir, tmp_path)
 
 
 def test_reference_format_and_dtype(colbertkit_dir, tmp_path):
-    result = export(colbertkit_dir, tmp_path / "out", "--format", "reference", "--dtype", "fp16")
+    result = export(colbertkit_dir, tmp_path / "out", "--layout", "reference", "--dtype", "fp16")
     assert result.exit_code == 0, result.output
     assert "(reference layout, fp16)" in result.stdout
     assert "fp16 weights upcast to fp32" in result.stdout  # what the check really ran

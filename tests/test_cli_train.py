@@ -191,20 +191,6 @@ def test_ctrl_c_stops_every_worker(tmp_path, reference_dir):
             os.killpg(process.pid, signal.SIGKILL)
 
 
-@pytest.mark.slow
-def test_demo_profile_trains_then_scores(tmp_path):
-    run = tmp_path / "demo"
-    result = colbertkit("train", "--profile", "demo", "--output-dir", str(run), timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
-    scored = colbertkit(
-        "score", str(run / "model"), "example_data/queries.tsv", "--rank", "--top-k", "1",
-        "--format", "jsonl", "-q",
-    )  # fmt: skip
-    assert scored.returncode == 0, scored.stderr
-    best = {r["qid"]: r["pid"] for r in map(json.loads, scored.stdout.splitlines())}
-    assert best == {"q1": "p1", "q2": "p4"}
-
-
 def test_an_existing_run_is_not_touched_without_overwrite(tmp_path, reference_dir):
     profile = write_profile(tmp_path, reference_dir)
     run = tmp_path / "run"

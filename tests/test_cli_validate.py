@@ -115,7 +115,11 @@ def test_json_format_has_the_documented_shape(data_file):
     assert [file["role"] for file in data["files"]] == ["train", "eval"]
     train_report, eval_report = data["files"]
     assert train_report["errors"]["not_object"]["samples"] == [
-        {"line": 2, "message": "the line is a list, not a JSON object"}
+        {
+            "line": 2,
+            "message": "the line is a JSON array, not an object: write JSON Lines, one object "
+            "a line (e.g. jq -c '.[]' on a JSON array file)",
+        }
     ]
     assert train_report["warnings"]["extra_keys"]["count"] == 1
     assert eval_report["warnings"]["query_in_train"]["samples"][0]["line"] == 1

@@ -120,7 +120,7 @@ def test_every_layout_exports_to_both_layouts_with_equal_scores_and_weights(
 ):
     source = request.getfixturevalue(fixture)
     out = tmp_path / "out"
-    report = export_model(source, out, format=layout)
+    report = export_model(source, out, layout=layout)
     assert report.verified and report.max_difference <= TOLERANCES["fp32"]
     assert report.pairs_checked == len(SAMPLE_PAIRS)
     assert detect_layout(out).kind == layout
@@ -131,8 +131,8 @@ def test_every_layout_exports_to_both_layouts_with_equal_scores_and_weights(
 
 
 def test_chain_colbertkit_reference_colbertkit_is_lossless(colbertkit_dir, tmp_path):
-    export_model(colbertkit_dir, tmp_path / "ref", format="reference")
-    export_model(tmp_path / "ref", tmp_path / "back", format="colbertkit")
+    export_model(colbertkit_dir, tmp_path / "ref", layout="reference")
+    export_model(tmp_path / "ref", tmp_path / "back", layout="colbertkit")
     assert_same_tensors(encoder_tensors(tmp_path / "back"), encoder_tensors(colbertkit_dir))
     assert_same_tensors(head_tensors(tmp_path / "back"), head_tensors(colbertkit_dir))
     assert scores_of(tmp_path / "back") == pytest.approx(scores_of(colbertkit_dir), abs=1e-6)
@@ -163,7 +163,7 @@ def test_colbertkit_layout_is_safetensors_with_metadata(reference_dir, tmp_path)
 
 def test_reference_layout_head_is_plain_tensors(colbertkit_dir, tmp_path):
     out = tmp_path / "out"
-    export_model(colbertkit_dir, out, format="reference")
+    export_model(colbertkit_dir, out, layout="reference")
     assert not (out / "colbertkit.json").exists()  # the reference layout has no metadata
     head = torch.load(out / "colbert_linear.pt", weights_only=True)  # no code objects to refuse
     assert set(head) == {"weight", "bias"}
@@ -222,7 +222,7 @@ def test_training_checkpoint_exports_the_trained_weights_only(
 
 def test_training_checkpoint_to_reference_layout(training_run, training_checkpoint, tmp_path):
     out = tmp_path / "out"
-    export_model(training_checkpoint, out, format="reference", dtype="bf16")
+    export_model(training_checkpoint, out, layout="reference", dtype="bf16")
     assert detect_layout(out).kind == "reference"
     expected = encoder_tensors(training_run / "model")
     assert_same_tensors(encoder_tensors(out), {k: v.bfloat16() for k, v in expected.items()})
@@ -685,12 +685,12 @@ def test_existing_output_is_kept_unless_force(reference_dir, tmp_path):
     export_model(reference_dir, out)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     with pytest.raises(UsageError, match=r"already exists; .*`force=True`"):
-        export_model(reference_dir, out, format="reference")
+        export_model(reference_dir, out, layout="reference")
     # With force, a failed export still leaves the previous export as it was.
     with pytest.raises(VerificationError):
         export_model(reference_dir, out, force=True, dtype="bf16", tolerance=0.0)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
-    export_model(reference_dir, out, force=True, format="reference")
+    export_model(reference_dir, out, force=True, layout="reference")
     assert (out / "colbert_linear.pt").is_file() and not (out / "colbertkit.json").exists()
     assert leftovers(tmp_path) == []
 
@@ -719,7 +719,7 @@ def test_output_must_not_be_or_contain_the_source(reference_dir, tmp_path):
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"format": "onnx"}, "`format` onnx: Input should be 'colbertkit' or 'reference'"),
+        ({"layout": "onnx"}, "`layout` onnx: Input should be 'colbertkit' or 'reference'"),
         ({"dtype": "int8"}, "`dtype` int8: Input should be 'fp32', 'fp16' or 'bf16'"),
         ({"tolerance": -1.0}, "`tolerance` -1.0: Input should be greater than or equal to 0"),
         ({"query_max_len": 1}, "`query_max_len` 1: Input should be greater than or equal to 2"),

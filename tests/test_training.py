@@ -169,7 +169,7 @@ def test_config_defaults_are_the_reference_loss():
     config = TrainConfig(model="m", dataset="d", output_dir="o")
     assert config.temperature == 0.02
     assert not config.other_positives_as_negatives
-    assert config.metric_names() == ["mrr@10", "ndcg@10", "recall@5", "recall@10"]
+    assert config.metric_names() == ["mrr@10", "ndcg@10", "recall@5", "recall@10", "map"]
 
 
 def test_fp16_on_cpu_is_an_error_naming_the_fix(tmp_path, colbertkit_dir, dataset):
@@ -588,7 +588,9 @@ def test_kl_needs_teacher_scores_on_every_row(tmp_path, colbertkit_dir, dataset)
     from colbertkit.errors import InputError
 
     config = base_config(tmp_path, colbertkit_dir, dataset, loss="kl", validate_data=False)
-    with pytest.raises(InputError, match=r"train.jsonl:1: pos_scores is missing .* \(give every row"):
+    with pytest.raises(
+        InputError, match=r"train.jsonl:1: pos_scores is missing .* \(give every row"
+    ):
         train(config)
     # With validation on, the validate-data report names the problem first.
     with pytest.raises(ColbertkitError, match=r"24 missing_scores"):

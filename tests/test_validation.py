@@ -73,14 +73,14 @@ def test_every_error_kind_with_counts_and_lines(tmp_path):
             '"just a string"',  # 15
             row(pos=["ok", ""], neg=["  "]),  # 16 two empty texts, one row
             b'{"query": "q\xed\xa0\x80", "pos": ["p"], "neg": ["n"]}',  # 17 encoded surrogate
-            b'\x00"\x00a\x00"',  # 18 UTF-16: never guessed, UTF-8 only
+            b'\x00"\x00a\x00"',  # 18 UTF-16: never guessed, UTF-8 only; NUL bytes: named as binary
         ],
     )
     report = validate_dataset(path, max_line_bytes=200)
     assert issues(report) == {
         "line_too_long": (1, [11]),
-        "invalid_utf8": (3, [3, 12, 17]),
-        "invalid_json": (2, [2, 18]),
+        "invalid_utf8": (4, [3, 12, 17, 18]),
+        "invalid_json": (1, [2]),
         "not_object": (2, [4, 15]),
         "missing_field": (1, [5]),
         "wrong_type": (2, [6, 7]),
@@ -98,7 +98,10 @@ def test_every_error_kind_with_counts_and_lines(tmp_path):
     }
     assert messages[6] == 'pos is a string, not a list of strings (wrap it: ["..."])'
     assert messages[5] == "neg is missing"
-    assert messages[11] == "line longer than 200 bytes (the size limit)"
+    assert (
+        messages[11]
+        == "line longer than 200 bytes (the size limit; raise `max_line_bytes` if the row is meant to be that long)"
+    )
 
 
 def test_samples_are_capped_and_the_rest_counted(tmp_path):

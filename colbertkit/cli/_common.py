@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from colbertkit import errors
+from colbertkit import defaults, errors
 from colbertkit.errors import ColbertkitError
 from colbertkit.precision import DTYPE_NAMES
 
@@ -60,6 +60,49 @@ def debug_option() -> Any:
     )
 
 
+# The options of every command that loads a model, written once.
+
+
+def encode_batch_size_option() -> Any:
+    return typer.Option(
+        defaults.ENCODE_BATCH_SIZE,
+        "--encode-batch-size",
+        min=1,
+        help="Texts per encoder forward (memory vs speed; scores do not change).",
+    )
+
+
+def device_option() -> Any:
+    return typer.Option(
+        "auto",
+        "--device",
+        envvar="COLBERTKIT_DEVICE",
+        help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps.",
+    )
+
+
+def dtype_option() -> Any:
+    return typer.Option(DType.fp32, "--dtype", help="Model precision; fp16 needs a GPU.")
+
+
+def max_len_option(kind: str) -> Any:
+    default = defaults.QUERY_MAX_LEN if kind == "query" else defaults.PASSAGE_MAX_LEN
+    return typer.Option(
+        None,
+        f"--{kind}-max-len",
+        min=2,
+        help=f"Default: the checkpoint's metadata, else {default}.",
+    )
+
+
+def trust_remote_code_option() -> Any:
+    return typer.Option(
+        False,
+        "--trust-remote-code",
+        help="Allow the checkpoint's own Python code (off by default).",
+    )
+
+
 def quiet_option() -> Any:
     return typer.Option(False, "--quiet", "-q", help="Only errors on stderr.")
 
@@ -68,14 +111,20 @@ def quiet_option() -> Any:
 # says its flags. One table for every command; a backticked name not listed stays as it is.
 PARAMETER_FLAGS = {
     "base_model": "--base-model",
+    "baseline": "--baseline",
+    "baseline_scores": "--baseline-scores",
     "batch_size": "--batch-size",
+    "bootstrap_samples": "--bootstrap-samples",
+    "checkpoint": "CKPT",
     "colbert_dim": "--colbert-dim",
+    "data": "DATA",
     "device": "--device",
     "dtype": "--dtype",
     "encode_batch_size": "--encode-batch-size",
     "eval_path": "--eval",
     "force": "--force",
     "format": "--format",
+    "layout": "--layout",
     "fresh_head": "--fresh-head",
     "max_line_bytes": "--max-line-bytes",
     "max_tracked_rows": "--max-tracked-rows",
@@ -85,11 +134,14 @@ PARAMETER_FLAGS = {
     "pad_floor": "--pad-floor",
     "passage_max_len": "--passage-max-len",
     "profile": "--profile",
+    "qrels": "--qrels",
     "query_max_len": "--query-max-len",
+    "recall_at": "--recall-at",
     "resume": "--resume",
     "resume_from": "--resume",
     "resume_from='latest'": "--resume RUN",
     "sample_limit": "--examples",
+    "scores": "--scores",
     "seed": "--seed",
     "token_rows": "--token-rows",
     "tolerance": "--tolerance",
@@ -125,7 +177,8 @@ def as_flags(message: str) -> str:
 
 def stderr_console() -> Console:
     # Built on demand so that tests capturing sys.stderr see the output.
-    return Console(file=sys.stderr, highlight=False, soft_wrap=True)
+    # No emoji codes: ":end:" in a message must stay text.
+    return Console(file=sys.stderr, highlight=False, soft_wrap=True, emoji=False)
 
 
 _debug_flag = False

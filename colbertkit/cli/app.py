@@ -9,7 +9,7 @@ import typer
 from typer._click import exceptions as click_exceptions
 
 from colbertkit import __version__
-from colbertkit.cli import export, score, train, validate
+from colbertkit.cli import evaluate, export, mine, score, train, validate
 from colbertkit.cli._common import set_debug
 from colbertkit.errors import DEBUG_ENV
 
@@ -46,6 +46,8 @@ app.command("score", no_args_is_help=True)(score.score_command)
 app.command("validate-data", no_args_is_help=True)(validate.validate_command)
 app.command("train", no_args_is_help=True)(train.train_command)
 app.command("export", no_args_is_help=True)(export.export_command)
+app.command("mine", no_args_is_help=True)(mine.mine_command)
+app.command("evaluate", no_args_is_help=True)(evaluate.evaluate_command)
 
 
 def main() -> None:

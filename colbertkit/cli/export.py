@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import enum
+import json
 from pathlib import Path
 
 import typer
 
-from colbertkit.cli._common import DType, handle_errors, stderr_console
+from colbertkit.cli._common import (
+    DType,
+    ReportFormat,
+    debug_option,
+    handle_errors,
+    quiet_option,
+    report_format_option,
+    stderr_console,
+)
 from colbertkit.errors import UsageError
 from colbertkit.progress import ProgressBar
 
@@ -27,8 +36,7 @@ def export_command(
     out: Path = typer.Argument(..., help="Directory to create (must not exist unless --force)."),
     layout: Layout = typer.Option(
         Layout.colbertkit,
-        "--format",
-        "-f",
+        "--layout",
         help="colbertkit: safetensors + colbertkit.json. reference: encoder safetensors + "
         "colbert_linear.pt (plain tensors), for the reference and BGE-M3-style loaders.",
     ),
@@ -66,9 +74,20 @@ def export_command(
     trust_remote_code: bool = typer.Option(
         False, "--trust-remote-code", help="Allow the checkpoint's own Python code when verifying."
     ),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only errors."),
+    report_format: ReportFormat = report_format_option("what was written and verified"),
+    quiet: bool = quiet_option(),
+    debug: bool = debug_option(),
 ) -> None:
-    """Export a checkpoint to safetensors (weights only), then check it scores like the source."""
+    """Export a checkpoint to safetensors (weights only), then check it scores like the source.
+
+    Examples:
+
+      colbertkit export runs/demo exported/
+
+      colbertkit export runs/demo/checkpoints/step-00000010 exported-bf16/ --dtype bf16
+
+      colbertkit export runs/demo exported-reference/ --layout reference
+    """
     from rich.markup import escape
 
     from colbertkit.export import export_model
@@ -89,7 +108,7 @@ def export_command(
         report = export_model(
             checkpoint,
             out,
-            format=layout.value,
+            layout=layout.value,
             dtype=dtype.value,
             force=force,
             verify=not no_verify,
@@ -102,10 +121,13 @@ def export_command(
             progress=progress,
             log=log,
         )
+    if report_format == ReportFormat.json:
+        typer.echo(json.dumps(report.to_dict(), indent=2))
+        return
     if quiet:
         return
     typer.echo(
-        f"wrote {report.out} ({report.format} layout, {report.dtype}): {report.tensors} tensors, "
+        f"wrote {report.out} ({report.layout} layout, {report.dtype}): {report.tensors} tensors, "
         f"{_size(report.source_bytes)} read -> {_size(report.written_bytes)} written "
         f"in {report.write_seconds:.1f}s"
     )

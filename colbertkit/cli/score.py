@@ -17,9 +17,14 @@ from colbertkit import defaults
 from colbertkit.cli._common import (
     DType,
     debug_option,
+    device_option,
+    dtype_option,
+    encode_batch_size_option,
     handle_errors,
+    max_len_option,
     quiet_option,
     stderr_console,
+    trust_remote_code_option,
 )
 from colbertkit.errors import UsageError
 from colbertkit.progress import progress_bar
@@ -64,31 +69,11 @@ def score_command(
     top_k: int | None = typer.Option(
         None, "--top-k", min=1, metavar="K", help="With --rank: keep the best K per query."
     ),
-    encode_batch_size: int = typer.Option(
-        defaults.ENCODE_BATCH_SIZE,
-        "--encode-batch-size",
-        min=1,
-        help="Texts per encoder forward (memory vs speed; scores do not change).",
-    ),
-    query_max_len: int | None = typer.Option(
-        None,
-        "--query-max-len",
-        min=2,
-        help=f"Default: the checkpoint's metadata, else {defaults.QUERY_MAX_LEN}.",
-    ),
-    passage_max_len: int | None = typer.Option(
-        None,
-        "--passage-max-len",
-        min=2,
-        help=f"Default: the checkpoint's metadata, else {defaults.PASSAGE_MAX_LEN}.",
-    ),
-    device: str = typer.Option(
-        "auto",
-        "--device",
-        envvar="COLBERTKIT_DEVICE",
-        help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps.",
-    ),
-    dtype: DType = typer.Option(DType.fp32, "--dtype", help="Model precision; fp16 needs a GPU."),
+    encode_batch_size: int = encode_batch_size_option(),
+    query_max_len: int | None = max_len_option("query"),
+    passage_max_len: int | None = max_len_option("passage"),
+    device: str = device_option(),
+    dtype: DType = dtype_option(),
     pad_floor: bool = typer.Option(
         False,
         "--pad-floor",
@@ -105,11 +90,7 @@ def score_command(
         False, "--fresh-head", help="Attach a new, seeded head (for an encoder without one)."
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of --fresh-head."),
-    trust_remote_code: bool = typer.Option(
-        False,
-        "--trust-remote-code",
-        help="Allow the checkpoint's own Python code (off by default).",
-    ),
+    trust_remote_code: bool = trust_remote_code_option(),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar on stderr."),
     quiet: bool = quiet_option(),
     debug: bool = debug_option(),

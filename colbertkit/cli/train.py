@@ -7,9 +7,13 @@ import json
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
 from colbertkit.cli._common import (
     ReportFormat,
+    as_flags,
+    debug_enabled,
+    debug_option,
     handle_errors,
     quiet_option,
     report_format_option,
@@ -57,6 +61,7 @@ def train_command(
     ),
     report_format: ReportFormat = report_format_option("the --dry-run plan"),
     quiet: bool = quiet_option(),
+    debug: bool = debug_option(),
 ) -> None:
     """Fine-tune a ColBERT model as a profile says, through accelerate (DDP or FSDP).
 
@@ -96,10 +101,6 @@ def train_command(
             typer.echo(json.dumps(plan.to_dict(), indent=2))
         else:
             _print_dry_run(plan)
-        if plan.problems:
-            from colbertkit.errors import UsageError
-
-            raise UsageError(f"the launch would stop: {plan.problems[0]}")
         return
 
     if not quiet:
@@ -110,8 +111,10 @@ def train_command(
                 console.print(f"  {key} = {value!r}  [dim]({source})[/]", highlight=False)
         for note in plan.notes:
             console.print(f"[yellow]note[/]: {note}", highlight=False)
-    log = None if quiet else (lambda line: console.print(f"[dim]{line}[/]", highlight=False))
-    code = run_plan(plan, log=log)
+    log = (
+        None if quiet else (lambda line: console.print(f"[dim]{escape(line)}[/]", highlight=False))
+    )
+    code = run_plan(plan, log=log, debug=debug_enabled())
     if code != 0:
         raise typer.Exit(code)
     if not quiet:
@@ -140,9 +143,10 @@ def _print_dry_run(plan) -> None:
         "new": f"{plan.output_dir}: a new run",
         "replace": f"{plan.output_dir}: holds a previous run, which --overwrite replaces",
         "resume": f"{plan.output_dir}: continues the run there",
+        "refused": f"{plan.output_dir}: cannot be used as it is (see below)",
     }[plan.run_directory]
     typer.echo(f"- output: {run_directory}")
     for note in plan.notes:
         typer.echo(f"- note: {note}")
     for problem in plan.problems:
-        typer.echo(f"- problem: {problem}")
+        typer.echo(f"- would stop the launch here: {as_flags(problem)}")

@@ -16,7 +16,13 @@ from typing import Any
 import typer
 
 from colbertkit import defaults
-from colbertkit.cli._common import handle_errors
+from colbertkit.cli._common import (
+    ReportFormat,
+    debug_option,
+    handle_errors,
+    quiet_option,
+    report_format_option,
+)
 from colbertkit.errors import ColbertkitError
 from colbertkit.progress import progress_bar
 
@@ -28,11 +34,6 @@ class LossName(str, enum.Enum):
     contrastive = "contrastive"
     kl = "kl"
     contrastive_kl = "contrastive+kl"
-
-
-class ReportFormat(str, enum.Enum):
-    text = "text"
-    json = "json"
 
 
 @handle_errors
@@ -75,14 +76,13 @@ def validate_command(
         help="With --model: passage tokens kept.",
     ),
     batch_size: int | None = typer.Option(
-        None, "--batch-size", "-b", min=1, help="Examples per step, for steps per epoch."
+        None,
+        "--batch-size",
+        min=1,
+        help="Queries (examples) per step on one process, as the profile's batch_size: gives "
+        "steps per epoch.",
     ),
-    report_format: ReportFormat = typer.Option(
-        ReportFormat.text,
-        "--format",
-        "-f",
-        help="text: a summary (rich on a terminal, plain when piped); json: for machines.",
-    ),
+    report_format: ReportFormat = report_format_option(),
     strict: bool = typer.Option(False, "--strict", help="Warnings fail too (exit 1)."),
     examples: int = typer.Option(
         5, "--examples", min=0, help="Problems shown per kind; the rest are counted."
@@ -102,8 +102,19 @@ def validate_command(
     progress: bool = typer.Option(
         True, "--progress/--no-progress", help="Progress bar on stderr (large files, terminal)."
     ),
+    quiet: bool = quiet_option(),
+    debug: bool = debug_option(),
 ) -> None:
-    """Check training data: schema, content, duplicates, eval leaks, statistics."""
+    """Check training data: schema, content, duplicates, eval leaks, statistics.
+
+    Examples:
+
+      colbertkit validate-data train.jsonl
+
+      colbertkit validate-data train.jsonl --eval eval.jsonl --neg-nums 15
+
+      colbertkit validate-data train.jsonl --format json > report.json
+    """
     from colbertkit.validation import validate_dataset
 
     total_bytes = sum(path.stat().st_size for path in (file, eval_file) if path and path.is_file())
@@ -128,6 +139,8 @@ def validate_command(
     if report_format == ReportFormat.json:
         sys.stdout.write(report.to_json() + "\n")
         sys.stdout.flush()
+    elif quiet:
+        pass  # the exit code and, on failure, the one-line error say it all
     elif sys.stdout.isatty():
         _render_rich(data, strict)
     else:
