@@ -364,6 +364,9 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="also the recipe options")
     parser.add_argument("--only-sweep", action="store_true", help="(a) and the sweep only")
     parser.add_argument(
+        "--systems", default="bcd", help="which of (b), (c), (d) to train, e.g. 'cd'"
+    )
+    parser.add_argument(
         "--resume",
         action="store_true",
         help="keep the data and the systems already measured in --workdir (results.json)",
@@ -404,6 +407,7 @@ def main() -> None:
             {"loss": "contrastive+kl", "teacher_temperature": 0.05},
         ),
     }
+    systems = {name: value for name, value in systems.items() if name[1] in args.systems}
     if args.only_sweep:
         systems = {}
     if args.sweep or args.only_sweep:

@@ -63,7 +63,7 @@ def test_yaml_error_names_the_line(tmp_path):
 
 def test_bundled_profiles_are_found_by_name_and_all_validate():
     names = sorted(p.stem for p in bundled_profiles_dir().glob("*.yaml"))
-    assert names == ["bge-m3", "chinese-roberta-wwm-ext", "demo"]
+    assert names == ["bge-m3", "chinese-roberta-wwm-ext", "demo", "minilm"]
     for name in names:
         assert find_profile(name) == find_profile(f"{name}.yaml")
         resolved = resolve_profile(name, {"dataset": "d.jsonl"})
@@ -81,7 +81,7 @@ def test_a_path_wins_over_a_bundled_name(tmp_path, monkeypatch):
 
 
 def test_unknown_profile_lists_the_bundled_ones():
-    expected = "bundled: bge-m3.yaml, chinese-roberta-wwm-ext.yaml, demo.yaml"
+    expected = "bundled: bge-m3.yaml, chinese-roberta-wwm-ext.yaml, demo.yaml, minilm.yaml"
     with pytest.raises(UsageError, match=re.escape(expected)):
         find_profile("nope")
 
