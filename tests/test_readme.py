@@ -169,7 +169,7 @@ def check_more(result, ws):
 
 
 def check_overwrite(result, ws):
-    assert "launching:" not in result.stderr and "done:" not in result.stderr  # --quiet
+    assert "colbertkit:" not in result.stderr and "launching:" not in result.stderr  # --quiet
     assert [p.name for p in (ws / "runs" / "quick" / "checkpoints").iterdir()] == ["step-00000002"]
 
 
