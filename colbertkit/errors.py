@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 DEBUG_ENV = "COLBERTKIT_DEBUG"
+QUIET_ENV = "COLBERTKIT_QUIET"  # set by `colbertkit train -q` for its workers: errors only
 
 
 def debug_enabled() -> bool:

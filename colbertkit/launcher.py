@@ -38,7 +38,7 @@ from colbertkit.checkpoint.run import (
     read_trainer_state,
     run_of,
 )
-from colbertkit.errors import DEBUG_ENV, ColbertkitError, UsageError, first_line
+from colbertkit.errors import DEBUG_ENV, QUIET_ENV, ColbertkitError, UsageError, first_line
 from colbertkit.profile import LAUNCHER_SETTINGS, Profile, ResolvedProfile
 
 SHARDING_IN_WORDS = {
@@ -525,11 +525,15 @@ def plan_launch(
 
 
 def run_plan(
-    plan: LaunchPlan, *, log: Callable[[str], None] | None = None, debug: bool = False
+    plan: LaunchPlan,
+    *,
+    log: Callable[[str], None] | None = None,
+    debug: bool = False,
+    quiet: bool = False,
 ) -> int:
     """Prepare the run directory, write the launch files and run the launch; its exit code.
 
-    ``debug`` lets the workers show tracebacks.
+    ``debug`` lets the workers show tracebacks; ``quiet`` keeps them to errors.
     """
     if plan.problems or plan.accelerate is None:
         raise UsageError(plan.problems[0] if plan.problems else "the launch was not planned")
@@ -543,7 +547,11 @@ def run_plan(
         for line in plan.lines:
             log(line)
         log(f"launching: {' '.join(files.command)}")
-    env = {**os.environ, DEBUG_ENV: "1"} if debug else None
+    env = dict(os.environ)
+    if debug:
+        env[DEBUG_ENV] = "1"
+    if quiet:
+        env[QUIET_ENV] = "1"
     return run_launch(files.command, env=env)
 
 

@@ -474,7 +474,7 @@ def _load_scorer(spec: str, role: str, options: _ModelOptions, log: Callable[[st
             trust_remote_code=options.trust_remote_code,
         )
     except CheckpointError as error:
-        if role == "teacher" and "--fresh-head" in str(error):
+        if role == "teacher" and "`fresh_head=True`" in str(error):
             raise CheckpointError(
                 f"teacher {spec}: neither a ColBERT checkpoint with a head nor a "
                 "sequence-classification model (a cross-encoder); a teacher needs trained scores"

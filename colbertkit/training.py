@@ -50,7 +50,7 @@ from colbertkit.collate import (
     length_sorted_chunks,
 )
 from colbertkit.data import RowRules, process_batches, steps_per_epoch
-from colbertkit.errors import UsageError, first_line
+from colbertkit.errors import QUIET_ENV, UsageError, first_line
 from colbertkit.losses import (
     contrastive_loss,
     gather_passages,
@@ -118,7 +118,8 @@ def train(config: TrainConfig | Mapping[str, Any]) -> TrainResult:
     accelerator = _make_accelerator(config)
     main = accelerator.is_main_process
     world_size = accelerator.num_processes
-    console = _Console(main)
+    quiet = os.environ.get(QUIET_ENV, "") == "1"  # colbertkit train --quiet
+    console = _Console(main and not quiet)
     fsdp_asked = os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
     if fsdp_asked and world_size > 1 and accelerator.distributed_type != "FSDP":
         console.print(
@@ -229,7 +230,7 @@ def train(config: TrainConfig | Mapping[str, Any]) -> TrainResult:
     bar = ProgressBar(
         "train",
         total_steps,
-        enabled=main and config.progress_bar,
+        enabled=main and config.progress_bar and not quiet,
         completed=progress.step,
         stats=True,
         transient=False,

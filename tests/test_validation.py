@@ -566,6 +566,32 @@ def test_reader_rejects_exactly_the_lines_the_validator_calls_errors(
         assert not flagged and len(accepted) == report.files[0].rows
 
 
+def test_eval_rows_need_no_negatives_and_the_hint_names_eval(tmp_path):
+    train = tmp_path / "train.jsonl"
+    train.write_text(json.dumps({"query": "q", "pos": ["p"], "neg": ["n"]}) + "\n")
+    evaluation = tmp_path / "eval.jsonl"
+    evaluation.write_text(json.dumps({"query": "e", "pos": ["p"]}) + "\n")
+    assert validate_dataset(train, eval_path=evaluation, neg_nums=4).ok
+    evaluation.write_text("not json\n")
+    report = validate_dataset(train, eval_path=evaluation, neg_nums=4)
+    with pytest.raises(ColbertkitError, match=f"validate-data {train} --eval {evaluation}"):
+        report.raise_for_errors()
+
+
+def test_neg_nums_0_says_what_training_needs_and_huge_negative_lists_warn(tmp_path):
+    data = tmp_path / "train.jsonl"
+    rows = [
+        {"query": "q", "pos": ["p"], "neg": []},
+        {"query": "r", "pos": ["p"], "neg": [f"n{i}" for i in range(1001)]},
+    ]
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    report = validate_dataset(data, neg_nums=0)
+    assert report.ok
+    assert any("other_positives_as_negatives: true" in note for note in report.notes)
+    warnings = report.file("train").to_dict()["warnings"]
+    assert warnings["many_negatives"]["samples"][0]["line"] == 2
+
+
 # ---- teacher scores ---------------------------------------------------------------------------
 
 

@@ -63,6 +63,7 @@ def main() -> None:
         context = getattr(error, "ctx", None)
         where = context.command_path if context is not None else "colbertkit"
         message = " ".join(error.format_message().split()).rstrip(".")
+        message = message.replace("Value error, ", "")  # pydantic's prefix, inside typer's
         print(f"Error: {message}; see '{where} --help'", file=sys.stderr)
         sys.exit(error.exit_code)
     except typer.Abort:

@@ -114,7 +114,7 @@ def train_command(
     log = (
         None if quiet else (lambda line: console.print(f"[dim]{escape(line)}[/]", highlight=False))
     )
-    code = run_plan(plan, log=log, debug=debug_enabled())
+    code = run_plan(plan, log=log, debug=debug_enabled(), quiet=quiet)
     if code != 0:
         raise typer.Exit(code)
     if not quiet:
