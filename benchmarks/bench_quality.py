@@ -294,7 +294,7 @@ def evaluate_system(args: argparse.Namespace, eval_file: Path, checkpoint: str, 
         options={
             "query_max_len": args.query_max_len,
             "passage_max_len": args.passage_max_len,
-            "batch_size": 64,
+            "encode_batch_size": 64,
             **options,
         },
     )
