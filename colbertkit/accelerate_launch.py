@@ -12,6 +12,9 @@ import sys
 
 
 def main() -> int:
+    from colbertkit.processes import die_with_parent
+
+    die_with_parent()  # the command that started the launch was killed: so is the launch
     from accelerate.commands.launch import launch_command, launch_command_parser
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 

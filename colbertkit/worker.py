@@ -19,6 +19,9 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: worker.py CONFIG.json (written by colbertkit train)", file=sys.stderr)
         return 2
     from colbertkit.errors import ColbertkitError, debug_enabled
+    from colbertkit.processes import die_with_parent
+
+    die_with_parent()  # accelerate's launcher is gone: no orphan keeps writing checkpoints
 
     try:
         from colbertkit.training import train

@@ -95,6 +95,24 @@ def wait_for(path: Path, process: subprocess.Popen, timeout: float = 300) -> Non
         time.sleep(0.05)
 
 
+def processes_running(run: Path, within: float) -> list[str]:
+    """Command lines of the processes that mention ``run``, once they have had ``within`` s to end."""
+    deadline = time.monotonic() + within
+    while True:
+        found = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+                except OSError:
+                    continue
+                if str(run) in cmdline:
+                    found.append(cmdline)
+        if not found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.2)
+
+
 @pytest.mark.parametrize("how", ["ctrl-c", "sigkill"])
 def test_interrupted_training_resumes_to_the_weights_of_an_uninterrupted_run(
     how, tmp_path, reference_dir, uninterrupted
@@ -106,8 +124,11 @@ def test_interrupted_training_resumes_to_the_weights_of_an_uninterrupted_run(
         process.wait(timeout=120)
         assert process.returncode == 130, process.stderr.read()[-2000:]
     else:
-        os.killpg(process.pid, signal.SIGKILL)  # the machine went away: nothing cleans up
+        os.killpg(process.pid, signal.SIGKILL)  # the command was killed: nothing cleans up
         process.wait(timeout=120)
+        # ... and the launch it started (its own process group) does not train on in the
+        # background, writing checkpoints into the run the resume below reads.
+        assert processes_running(tmp_path / "run", within=30) == []
     assert not (tmp_path / "run" / "model").exists()
 
     # Resuming with a setting that would change the result is refused by name, before launching.

@@ -170,7 +170,11 @@ def check_more(result, ws):
 
 def check_overwrite(result, ws):
     assert "colbertkit:" not in result.stderr and "launching:" not in result.stderr  # --quiet
-    assert [p.name for p in (ws / "runs" / "quick" / "checkpoints").iterdir()] == ["step-00000002"]
+    run = ws / "runs" / "quick"
+    metadata = json.loads((run / "model" / "colbertkit.json").read_text())
+    assert metadata["source"]["steps"] == 2  # a new run of 2 steps, not the resumed one of 4
+    # The old run went as a whole: its checkpoints too (2 steps reach no save_steps=5 save).
+    assert not (run / "checkpoints").exists() or list((run / "checkpoints").iterdir()) == []
 
 
 def check_bge_dry_run(result, ws):
