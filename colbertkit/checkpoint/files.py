@@ -50,9 +50,7 @@ def _sibling(target: Path, tag: str) -> Path:
     return target.parent / f".{target.name}.{tag}-{os.getpid()}"
 
 
-def check_replaceable(
-    target: Path, is_ours: Callable[[str], bool], *, what: str, fix: str
-) -> None:
+def check_replaceable(target: Path, is_ours: Callable[[str], bool], *, what: str, fix: str) -> None:
     """Raise unless ``target`` is missing, empty, or holds only entries ``is_ours`` accepts.
 
     ``what`` says what colbertkit writes there ("a training run"), ``fix`` what to do instead.

@@ -164,4 +164,3 @@ def _safe_dcp_reader_class() -> type:
 
 def _safe_dcp_reader(checkpoint: DcpCheckpoint) -> Any:
     return _safe_dcp_reader_class()(checkpoint)
-

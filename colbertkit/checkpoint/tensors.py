@@ -43,7 +43,6 @@ _SAFETENSORS_DTYPES = {
 _SAFETENSORS_CODES = {dtype: code for code, dtype in _SAFETENSORS_DTYPES.items()}
 
 
-
 @dataclass(frozen=True)
 class TensorEntry:
     """One tensor of a source, known by name, shape and dtype before its data is read."""
@@ -55,7 +54,6 @@ class TensorEntry:
     release: Callable[[], None] | None = None  # drop what reading keeps open (a memory map)
     # The tensor as a view of a memory map, to keep (a model's parameter) without a copy.
     read_mapped: Callable[[], torch.Tensor] | None = None
-
 
 
 def read_weights(file: Path) -> tuple[list[TensorEntry], list[Path]]:
@@ -371,7 +369,6 @@ def check_head(state: dict[str, Any], where: Path) -> dict[str, torch.Tensor]:
     if bias is not None and (not isinstance(bias, torch.Tensor) or bias.shape != weight.shape[:1]):
         raise CheckpointError(f"{where}: head bias does not match its weight {tuple(weight.shape)}")
     return {key: value for key, value in (("weight", weight), ("bias", bias)) if value is not None}
-
 
 
 def load_head_state(file: Path) -> dict[str, Any]:

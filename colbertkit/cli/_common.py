@@ -20,12 +20,14 @@ from rich.console import Console
 from rich.markup import escape
 
 from colbertkit.errors import ColbertkitError
-from colbertkit.precision import DTYPE_NAMES
+from colbertkit.precision import COMPUTE_DTYPE_NAMES, DTYPE_NAMES
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-# Weight precision, as the commands spell it.
+# Weight precision, as the commands spell it (a storage format: export).
 DType = enum.Enum("DType", {name: name for name in DTYPE_NAMES}, type=str)
+# Precision of a computation: the above or auto (bf16 where the hardware has it).
+ComputeDType = enum.Enum("ComputeDType", {name: name for name in COMPUTE_DTYPE_NAMES}, type=str)
 
 
 class ReportFormat(str, enum.Enum):
@@ -61,9 +63,14 @@ PARAMETER_FLAGS = {
     "force": "--force",
     "format": "--format",
     "fresh_head": "--fresh-head",
+    "machine_rank": "--machine-rank",
+    "main_process_ip": "--main-process-ip",
+    "main_process_port": "--main-process-port",
     "max_line_bytes": "--max-line-bytes",
     "max_tracked_rows": "--max-tracked-rows",
     "neg_nums": "--neg-nums",
+    "num_machines": "--num-machines",
+    "num_processes": "--num-processes",
     "output_dir": "--output-dir",
     "overwrite": "--overwrite",
     "pad_floor": "--pad-floor",

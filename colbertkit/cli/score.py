@@ -12,7 +12,7 @@ from typing import IO
 
 import typer
 
-from colbertkit.cli._common import DType, handle_errors, progress_bar, stderr_console
+from colbertkit.cli._common import ComputeDType, handle_errors, progress_bar, stderr_console
 from colbertkit.errors import UsageError
 
 
@@ -59,7 +59,12 @@ def score_command(
     device: str = typer.Option(
         "auto", "--device", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps."
     ),
-    dtype: DType = typer.Option(DType.fp32, "--dtype", help="Model precision; fp16 needs a GPU."),
+    dtype: ComputeDType = typer.Option(
+        ComputeDType.fp32,
+        "--dtype",
+        help="Encoder precision: fp32 (exact), bf16, fp16 (GPU), or auto: bf16 where the "
+        "hardware has it (CUDA, AMX / AVX512-BF16 CPUs), fp16 on older GPUs, else fp32.",
+    ),
     pad_floor: bool = typer.Option(
         False,
         "--pad-floor",
@@ -82,11 +87,30 @@ def score_command(
     ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar on stderr."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only errors on stderr."),
+    window: int = typer.Option(
+        4096,
+        "--window",
+        min=1,
+        help="Pairs whose distinct texts are encoded together (the unit split across processes).",
+    ),
+    num_processes: int = typer.Option(
+        1, "--num-processes", min=1, help="Processes per machine (GPUs, or CPU processes)."
+    ),
+    num_machines: int = typer.Option(1, "--num-machines", min=1, help="Machines scoring."),
+    machine_rank: int = typer.Option(0, "--machine-rank", min=0, help="This machine (0 writes)."),
+    main_process_ip: str | None = typer.Option(
+        None, "--main-process-ip", help="Address of machine 0 (with --num-machines > 1)."
+    ),
+    main_process_port: int | None = typer.Option(
+        None, "--main-process-port", help="Default: a free port; 29500 across machines."
+    ),
 ) -> None:
     """Print the MaxSim score of each query/passage pair, in input order (or ranked)."""
-    from colbertkit.checkpoint import load_checkpoint
+    from colbertkit.distributed_scoring import LaunchSettings
+    from colbertkit.errors import validate_options
     from colbertkit.pairs import open_pairs
-    from colbertkit.scorer import PairScorer, pick_device, pick_dtype
+    from colbertkit.precision import resolve_dtype
+    from colbertkit.scorer import open_scoring, pick_device
 
     fmt = _resolve_format(output_format, output)
     rank = rank or fmt == OutputFormat.trec  # a run file is ranked by definition
@@ -94,45 +118,50 @@ def score_command(
         raise UsageError("--top-k needs --rank")
     if output is not None and not output.parent.is_dir():
         raise UsageError(f"--output {output}: directory {output.parent} does not exist")
-    target = pick_device(device)
-    torch_dtype = pick_dtype(dtype.value, target)
+    launch = validate_options(
+        LaunchSettings,
+        num_processes=num_processes,
+        num_machines=num_machines,
+        machine_rank=machine_rank,
+        main_process_ip=main_process_ip,
+        main_process_port=main_process_port,
+        device=device,
+    )
+    resolve_dtype(dtype.value, pick_device(device))  # fp16 on a CPU stops here, not in workers
     source = open_pairs(pairs)  # checks every line before any model is loaded
     try:
         if rank and not source.has_ids:
             raise UsageError(
                 f"{source.name}: ranking needs ids; write qid<TAB>query<TAB>pid<TAB>passage lines"
             )
-        loaded = load_checkpoint(
-            checkpoint,
-            colbert_dim=colbert_dim,
-            fresh_head=fresh_head,
-            seed=seed,
-            device=str(target),
-            dtype=torch_dtype,
-            trust_remote_code=trust_remote_code,
-        )
-        scorer = PairScorer(
-            loaded.model,
-            loaded.tokenizer,
-            query_max_len=query_max_len or loaded.query_max_len,
-            passage_max_len=passage_max_len or loaded.passage_max_len,
-            batch_size=batch_size,
-            pad_floor=pad_floor,
-        )
         console = stderr_console()
-        if not quiet:
-            for note in loaded.notes:
-                console.print(f"[dim]{note}[/]", highlight=False)
-            console.print(
-                f"[dim]scoring {source.count} pairs on {target} ({dtype.value}), "
-                f"query/passage max len {scorer.query_max_len}/{scorer.passage_max_len}"
-                f"{', pad floor' if pad_floor else ''}[/]",
-                highlight=False,
-            )
-        with _open_output(output) as out:
+        log = None if quiet else (lambda line: console.print(f"[dim]{line}[/]", highlight=False))
+        with (
+            open_scoring(
+                checkpoint,
+                source,
+                launch=launch,
+                batch_size=batch_size,
+                query_max_len=query_max_len,
+                passage_max_len=passage_max_len,
+                device=device,
+                dtype=dtype.value,
+                pad_floor=pad_floor,
+                quiet=quiet,
+                log=log,
+                colbert_dim=colbert_dim,
+                fresh_head=fresh_head,
+                seed=seed,
+                trust_remote_code=trust_remote_code,
+            ) as scores,
+            _open_output(output) if scores is not None else _nothing() as out,
+        ):
+            if scores is None:
+                if log is not None:
+                    log(f"machine {machine_rank}: its share is scored; machine 0 writes the output")
+                return
             with progress_bar("scoring", source.count, enabled=progress and not quiet) as advance:
-                texts = ((pair.query, pair.passage) for pair in source.pairs())
-                scored = zip(source.pairs(), scorer.score(texts, progress=advance), strict=True)
+                scored = zip(source.pairs(), scores(advance), strict=True)
                 if fmt == OutputFormat.table:
                     results = list(scored)  # a table is for a terminal: small inputs
                 elif rank:
@@ -148,6 +177,11 @@ def score_command(
                 _write_ranked(source, qids_and_scores, top_k, fmt, out)
     finally:
         source.close()
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield None
 
 
 @contextmanager
