@@ -292,6 +292,7 @@ def load_scorer(
     dtype: str = "fp32",
     pad_floor: bool = False,
     window: int = DEFAULT_WINDOW,
+    compile_encoder: bool = False,
     **load_options: Any,
 ) -> LoadedScorer:
     """Load ``checkpoint`` on ``device`` in ``dtype`` (``auto``: bf16 where the hardware has it,
@@ -299,6 +300,9 @@ def load_scorer(
 
     Lengths default to the checkpoint's metadata, else 128 / 512. ``load_options`` go to
     :func:`colbertkit.checkpoint.load_checkpoint` (``fresh_head``, ``colbert_dim``, ...).
+    ``compile_encoder`` runs the encoder through ``torch.compile`` (dynamic shapes): off by
+    default, because on CPU it gained about 1.2x after minutes of compiling
+    (benchmarks/bench_score.py --compile), which only pays on very large inputs.
     """
     from colbertkit.checkpoint import load_checkpoint
 
@@ -307,6 +311,8 @@ def load_scorer(
     loaded = load_checkpoint(
         checkpoint, device=str(target), dtype=torch_dtype(resolved), **load_options
     )
+    if compile_encoder:
+        loaded.model.encoder.compile(dynamic=True)  # in place: parameter names unchanged
     scorer = PairScorer(
         loaded.model,
         loaded.tokenizer,
