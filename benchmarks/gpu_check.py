@@ -368,7 +368,7 @@ def metrics(run_dir: Path) -> list[dict]:
 def check_export(report: Report, run_dir: Path | None, work: Path, name: str) -> None:
     def export() -> str:
         if run_dir is None:
-            raise Skip(f"no FSDP run of {name} to export (see its train row)")
+            raise Skip(f"no FSDP run of {name} to export (FSDP needs CUDA; see its train row)")
         checkpoint = run_dir / "checkpoints" / f"step-{SAVE_AT:08d}"
         sharded = [p.name for p in checkpoint.iterdir() if p.name.startswith("pytorch_model_fsdp")]
         require(bool(sharded), f"{checkpoint.name} holds no sharded FSDP state: {sharded}")

@@ -268,6 +268,7 @@ def score_pairs_distributed(
     passage_max_len: int | None = None,
     dtype: str = "fp32",
     pad_floor: bool = False,
+    window: int | None = None,
     **load_options: Any,
 ) -> list[float]:
     """:func:`colbertkit.score_pairs` on several processes; an empty list off machine 0."""
@@ -292,6 +293,7 @@ def score_pairs_distributed(
             passage_max_len=passage_max_len,
             dtype=dtype,
             pad_floor=pad_floor,
+            window=window,
             quiet=True,
             **load_options,
         ) as merged:

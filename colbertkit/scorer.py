@@ -335,6 +335,7 @@ def score_pairs(
     device: str = "auto",
     dtype: str = "fp32",
     pad_floor: bool = False,
+    window: int = DEFAULT_WINDOW,
     num_processes: int = 1,
     num_machines: int = 1,
     machine_rank: int = 0,
@@ -348,9 +349,10 @@ def score_pairs(
     default), bf16, fp16 (GPU) or ``auto`` (bf16 where the hardware computes it natively).
 
     ``num_processes`` (per machine) and ``num_machines`` > 1 score on several processes through
-    ``accelerate launch`` (see :mod:`colbertkit.distributed_scoring`); the scores are the same
-    bits as one process's. On a machine other than the first (``machine_rank`` > 0) the list is
-    empty: machine 0 gathers the scores.
+    ``accelerate launch`` (see :mod:`colbertkit.distributed_scoring`), each taking whole
+    windows of ``window`` pairs; the scores are the same bits as one process's. On a machine
+    other than the first (``machine_rank`` > 0) the list is empty: machine 0 gathers the
+    scores.
     """
     if num_processes * num_machines > 1:
         from colbertkit.distributed_scoring import LaunchSettings, score_pairs_distributed
@@ -372,6 +374,7 @@ def score_pairs(
             passage_max_len=passage_max_len,
             dtype=dtype,
             pad_floor=pad_floor,
+            window=window,
             **load_options,
         )
     loaded = load_scorer(
@@ -382,6 +385,7 @@ def score_pairs(
         device=device,
         dtype=dtype,
         pad_floor=pad_floor,
+        window=window,
         **load_options,
     )
     return list(loaded.scorer.score(pairs))

@@ -238,3 +238,13 @@ def test_score_pairs_auto_runs_what_resolve_dtype_chose(reference_dir):
     assert score_pairs(str(reference_dir), PAIRS, device="cpu", dtype="auto") == score_pairs(
         str(reference_dir), PAIRS, device="cpu", dtype=chosen
     )
+
+
+@pytest.mark.slow
+def test_score_pairs_on_two_processes_gives_the_same_scores(colbertkit_dir):
+    from colbertkit.scorer import score_pairs
+
+    pairs = [*PAIRS, *PAIRS[::-1], *PAIRS[1::2]]  # 15 pairs: windows of 4 over 2 processes
+    alone = score_pairs(str(colbertkit_dir), pairs, device="cpu", window=4)
+    together = score_pairs(str(colbertkit_dir), pairs, device="cpu", window=4, num_processes=2)
+    assert together == alone
