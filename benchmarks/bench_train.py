@@ -2,6 +2,7 @@
 
     python benchmarks/bench_train.py                       # synthetic data with a realistic spread
     python benchmarks/bench_train.py --dataset my.jsonl    # your data (same jsonl format)
+    python benchmarks/bench_train.py --precision           # bf16 vs fp32: examples/s, loss curves
 
 CPU, the packaged all-MiniLM-L6-v2 encoder (fresh 128-d head), batch 4 queries x (1 + 15
 negatives), query 64 / passage 256 tokens. Each mode runs in its own process (peak RSS is per
@@ -19,6 +20,12 @@ process) on the same batches:
   lengths, so the limit is optimistic.
 
 Targets (issue 4): colbertkit >= 1.5x baseline, >= 0.8x limit, peak RSS <= baseline's.
+
+``--precision`` (issue 12) runs ``colbertkit.train`` twice on the same batches, with
+``mixed_precision: no`` (fp32) and ``bf16`` (autocast), for ``--steps`` steps (default 30, every
+step logged; batch 4 x (1 + 7), passage 128 tokens unless given): examples/s of each (steps after
+the first two) and the two loss curves side by side. Whether bf16 is native here (AMX,
+AVX512-BF16) is printed: without it, bf16 is emulated and slower.
 
 On a shared machine, wall-clock speed is noisy (and multi-threaded BLAS suffers most when other
 processes compete for the cores), so the modes run in ``--rounds`` interleaved rounds and the
@@ -43,6 +50,7 @@ from pathlib import Path
 
 MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 MODES = ("colbertkit", "baseline", "limit")
+PRECISION_MODES = ("fp32", "bf16")
 
 _WORD_TEXT = """
 the of and to in is was for on that with as by at from his her an which are this be had not were
@@ -83,7 +91,7 @@ def peak_rss_mib() -> float:
 # --------------------------------------------------------------------------------------------
 
 
-def run_colbertkit(args: argparse.Namespace, work: Path) -> dict:
+def run_colbertkit(args: argparse.Namespace, work: Path, mixed_precision: str = "no") -> dict:
     from colbertkit.training import train
 
     output_dir = work / "colbertkit-run"
@@ -104,12 +112,17 @@ def run_colbertkit(args: argparse.Namespace, work: Path) -> dict:
             "save_each_epoch": False,
             "progress_bar": False,
             "seed": args.seed,
+            "mixed_precision": mixed_precision,
         }
     )
     metrics = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    metrics = [m for m in metrics if "train/loss" in m]
     timed = [m for m in metrics if m["step"] > args.warmup]
     seconds = sum(args.batch_size / m["train/examples_per_second"] for m in timed)
-    return {"examples_per_second": args.batch_size * len(timed) / seconds}
+    return {
+        "examples_per_second": args.batch_size * len(timed) / seconds,
+        "losses": [m["train/loss"] for m in metrics],
+    }
 
 
 def _batches(args: argparse.Namespace, tokenizer):
@@ -235,23 +248,39 @@ def main() -> None:
     parser.add_argument(
         "--dataset", type=Path, help="jsonl to draw batches from (default: synthetic)"
     )
-    parser.add_argument("--steps", type=int, default=6, help="timed steps per mode")
+    parser.add_argument("--steps", type=int, help="timed steps per mode (6; --precision: 28)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--neg-nums", type=int, default=15)
+    parser.add_argument("--neg-nums", type=int, help="default 15 (--precision: 7)")
     parser.add_argument("--query-len", type=int, default=64)
-    parser.add_argument("--passage-len", type=int, default=256)
+    parser.add_argument("--passage-len", type=int, help="default 256 (--precision: 128)")
     parser.add_argument(
         "--chunk-size", type=int, default=None, help="colbertkit's encode_chunk_size (its default)"
     )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; best counts")
+    parser.add_argument(
+        "--rounds", type=int, help="interleaved rounds; best counts (3; --precision: 1)"
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0: default)")
     parser.add_argument("--modes", default=",".join(MODES))
-    parser.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--precision", action="store_true", help="bf16 vs fp32 (examples/s and loss curves)"
+    )
+    parser.add_argument("--worker", choices=MODES + PRECISION_MODES, help=argparse.SUPPRESS)
     parser.add_argument("--dataset-file", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    precision = args.precision or args.worker in PRECISION_MODES
+    for name, default, precision_default in (
+        ("steps", 6, 28),  # + 2 warm-up steps: a 30-step loss curve
+        ("neg_nums", 15, 7),
+        ("passage_len", 256, 128),
+        ("rounds", 3, 1),
+    ):
+        if getattr(args, name) is None:
+            setattr(args, name, precision_default if precision else default)
+    if args.precision:
+        args.modes = ",".join(PRECISION_MODES)
     if args.chunk_size is None:
         from colbertkit.train_config import TrainConfig
 
@@ -262,9 +291,13 @@ def main() -> None:
             import torch
 
             torch.set_num_threads(args.threads)
-        runner = {"colbertkit": run_colbertkit, "baseline": run_baseline, "limit": run_limit}[
-            args.worker
-        ]
+        runner = {
+            "colbertkit": run_colbertkit,
+            "baseline": run_baseline,
+            "limit": run_limit,
+            "fp32": lambda args, work: run_colbertkit(args, work, "no"),
+            "bf16": lambda args, work: run_colbertkit(args, work, "bf16"),
+        }[args.worker]
         result = runner(args, args.work)
         result["peak_rss_mib"] = peak_rss_mib()
         print("RESULT " + json.dumps(result), flush=True)
@@ -300,6 +333,9 @@ def main() -> None:
                 if best is None or result["examples_per_second"] > best["examples_per_second"]:
                     results[mode] = result
 
+    if args.precision:
+        print_precision(results, args, source)
+        return
     print(
         f"data: {source}; batch {args.batch_size} x (1 + {args.neg_nums}); "
         f"query {args.query_len} / passage {args.passage_len} tokens; "
@@ -326,6 +362,42 @@ def main() -> None:
             results["colbertkit"]["examples_per_second"] / results["limit"]["examples_per_second"]
         )
         print(f"colbertkit / limit: {ratio:.2f} (target >= 0.8)")
+
+
+def print_precision(results: dict[str, dict], args: argparse.Namespace, source: str) -> None:
+    from colbertkit.precision import native_cpu_bf16, resolve_mixed_precision
+
+    native = native_cpu_bf16()
+    print(
+        f"data: {source}; batch {args.batch_size} x (1 + {args.neg_nums}); query "
+        f"{args.query_len} / passage {args.passage_len} tokens; {args.warmup + args.steps} steps, "
+        f"examples/s over the last {args.steps}; torch threads {args.threads or 'default'}"
+    )
+    print(
+        f"this CPU: {'native bf16 (' + native + ')' if native else 'no native bf16 (emulated)'}; "
+        f"mixed_precision auto would run: {resolve_mixed_precision('auto', 'cpu')[0]}"
+    )
+    fp32, bf16 = results["fp32"], results["bf16"]
+    print(f"{'':<6}{'examples/s':>12}{'peak RSS MiB':>15}")
+    for mode in PRECISION_MODES:
+        print(
+            f"{mode:<6}{results[mode]['examples_per_second']:>12.2f}"
+            f"{results[mode]['peak_rss_mib']:>15.0f}"
+        )
+    ratio = bf16["examples_per_second"] / fp32["examples_per_second"]
+    print(f"bf16 / fp32: {ratio:.2f}x examples/s")
+    print(f"{'step':>4}{'fp32 loss':>12}{'bf16 loss':>12}{'difference':>12}")
+    pairs = list(zip(fp32["losses"], bf16["losses"], strict=True))
+    for step, (exact, approximate) in enumerate(pairs, start=1):
+        print(f"{step:>4}{exact:>12.4f}{approximate:>12.4f}{approximate - exact:>+12.4f}")
+    differences = [abs(b - a) for a, b in pairs]
+    first = [sum(losses[:5]) / 5 for losses in (fp32["losses"], bf16["losses"])]
+    last = [sum(losses[-5:]) / 5 for losses in (fp32["losses"], bf16["losses"])]
+    print(
+        f"mean |difference| {sum(differences) / len(differences):.4f}, largest "
+        f"{max(differences):.4f}; mean of the first 5 steps -> last 5: fp32 {first[0]:.3f} -> "
+        f"{last[0]:.3f}, bf16 {first[1]:.3f} -> {last[1]:.3f}"
+    )
 
 
 if __name__ == "__main__":

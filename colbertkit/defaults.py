@@ -12,3 +12,5 @@ PASSAGE_MAX_LEN = 512
 FRESH_COLBERT_DIM = 128
 # Texts per encoder forward when scoring or evaluating.
 ENCODE_BATCH_SIZE = 32
+# Pairs whose distinct texts are encoded together when scoring (the unit split across processes).
+SCORE_WINDOW = 4096

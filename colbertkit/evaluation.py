@@ -44,7 +44,7 @@ from colbertkit.metrics import (
     paired_bootstrap,
     ranking_metrics,
 )
-from colbertkit.precision import DTypeName
+from colbertkit.precision import ComputeDTypeName
 from colbertkit.runs import Qrels, Run
 
 # Query status in a report.
@@ -64,7 +64,7 @@ class ModelOptions(BaseModel):
     query_max_len: int | None = Field(None, ge=2, description="Default: the checkpoint's.")
     passage_max_len: int | None = Field(None, ge=2, description="Default: the checkpoint's.")
     device: str = "auto"
-    dtype: DTypeName = "fp32"
+    dtype: ComputeDTypeName = "fp32"
     pad_floor: bool = False
     colbert_dim: int | None = Field(None, ge=1)
     fresh_head: bool = False
@@ -587,29 +587,23 @@ def _evaluate_checkpoint(
     progress: ProgressFactory | None,
     say: Callable[[str], None],
 ) -> SystemResult:
-    from colbertkit.checkpoint import load_checkpoint
-    from colbertkit.scorer import PairScorer, pick_device, pick_dtype
+    from colbertkit.scorer import load_scorer
 
-    target = pick_device(options.device)
-    dtype = pick_dtype(options.dtype, target)
     started = time.perf_counter()
-    loaded = load_checkpoint(
+    ready = load_scorer(
         checkpoint,
+        batch_size=options.encode_batch_size,
+        query_max_len=options.query_max_len,
+        passage_max_len=options.passage_max_len,
+        device=options.device,
+        dtype=options.dtype,
+        pad_floor=options.pad_floor,
         colbert_dim=options.colbert_dim,
         fresh_head=options.fresh_head,
         seed=options.seed,
-        device=str(target),
-        dtype=dtype,
         trust_remote_code=options.trust_remote_code,
     )
-    scorer = PairScorer(
-        loaded.model,
-        loaded.tokenizer,
-        query_max_len=options.query_max_len or loaded.query_max_len,
-        passage_max_len=options.passage_max_len or loaded.passage_max_len,
-        batch_size=options.encode_batch_size,
-        pad_floor=options.pad_floor,
-    )
+    scorer, loaded = ready.scorer, ready.loaded
     load_seconds = time.perf_counter() - started
     notes = [f"{checkpoint}: {note}" for note in loaded.notes]
     for note in notes:
@@ -617,14 +611,14 @@ def _evaluate_checkpoint(
     count = len(candidates.keys)
     floor = ", pad floor" if options.pad_floor else ""
     say(
-        f"{role}: scoring {count} pairs on {target} ({options.dtype}), query/passage max len "
+        f"{role}: scoring {count} pairs on {ready.describe()}, query/passage max len "
         f"{scorer.query_max_len}/{scorer.passage_max_len}{floor}"
     )
     started = time.perf_counter()
     with _progress(progress, "scoring" if role == "system" else "scoring baseline", count) as step:
         scores = list(scorer.score(candidates.texts(), progress=step))
     scoring_seconds = time.perf_counter() - started
-    del scorer, loaded  # the baseline's model loads next
+    del scorer, loaded, ready  # the baseline's model loads next
 
     run: dict[str, dict[str, float]] = {}
     for (qid, pid), score in zip(candidates.keys, scores, strict=True):

@@ -39,7 +39,7 @@ from colbertkit.checkpoint.run import (
     run_of,
 )
 from colbertkit.errors import DEBUG_ENV, QUIET_ENV, ColbertkitError, UsageError, first_line
-from colbertkit.profile import LAUNCHER_SETTINGS, Profile, ResolvedProfile
+from colbertkit.profile import LAUNCHER_SETTINGS, DistributedConfig, Profile, ResolvedProfile
 
 SHARDING_IN_WORDS = {
     "FULL_SHARD": "parameters, gradients and optimizer state sharded over {n} GPUs",
@@ -82,7 +82,23 @@ def layer_class_for_config(config: Any) -> str:
 
 def accelerate_config(profile: Profile, *, gpu: bool, layer_class: str | None) -> dict[str, Any]:
     """The accelerate config file's contents for ``profile`` on a machine with(out) GPUs."""
-    dist = profile.distributed
+    from colbertkit.precision import resolve_mixed_precision
+
+    # accelerate takes no "auto": the launching machine decides (every machine of a run has
+    # the same hardware, as with num_processes).
+    mixed_precision, _ = resolve_mixed_precision(profile.mixed_precision, "cuda" if gpu else "cpu")
+    return accelerate_config_for(
+        profile.distributed,
+        mixed_precision=mixed_precision,
+        gpu=gpu,
+        layer_class=layer_class,
+    )
+
+
+def accelerate_config_for(
+    dist: DistributedConfig, *, mixed_precision: str, gpu: bool, layer_class: str | None
+) -> dict[str, Any]:
+    """The accelerate config of a ``distributed:`` section (training, or a scoring launch)."""
     world_size = dist.world_size
     config: dict[str, Any] = {
         "compute_environment": "LOCAL_MACHINE",
@@ -91,7 +107,7 @@ def accelerate_config(profile: Profile, *, gpu: bool, layer_class: str | None) -
         "num_processes": world_size,  # accelerate counts processes over all machines
         "num_machines": dist.num_machines,
         "machine_rank": dist.machine_rank,
-        "mixed_precision": profile.mixed_precision,
+        "mixed_precision": mixed_precision,
         "downcast_bf16": "no",
     }
     if dist.strategy == "fsdp" and not gpu:
@@ -173,9 +189,14 @@ def write_launch_files(profile: Profile, accelerate: dict[str, Any]) -> LaunchFi
 
 
 def launch_command(
-    accelerate_file: Path, config_file: Path, *, cpu_threads: int | None = None
+    accelerate_file: Path,
+    config_file: Path,
+    *,
+    cpu_threads: int | None = None,
+    module: str = "colbertkit.worker",
 ) -> list[str]:
-    """``accelerate launch`` (through :mod:`colbertkit.accelerate_launch`) of the worker.
+    """``accelerate launch`` (through :mod:`colbertkit.accelerate_launch`) of a worker module:
+    the training worker, or ``colbertkit.score_worker`` for a scoring launch.
 
     The worker runs as a module (``-m colbertkit.worker``): run as a file, its folder would
     come first on ``sys.path`` and colbertkit's module names would shadow the standard
@@ -187,14 +208,19 @@ def launch_command(
     ]  # fmt: skip
     if cpu_threads is not None:
         command += ["--num_cpu_threads_per_process", str(cpu_threads)]
-    return [*command, "-m", "colbertkit.worker", str(config_file)]
+    return [*command, "-m", module, str(config_file)]
 
 
 def cpu_threads_per_process(profile: Profile, gpu: bool) -> int | None:
     """On CPU, share the machine's cores among its processes (accelerate asks for a number)."""
+    return cpu_threads_for(profile.distributed.num_processes, gpu)
+
+
+def cpu_threads_for(num_processes: int, gpu: bool) -> int | None:
+    """Threads per process when ``num_processes`` share this machine's cores (None on GPU)."""
     if gpu:
         return None
-    return max(1, (os.cpu_count() or 1) // profile.distributed.num_processes)
+    return max(1, (os.cpu_count() or 1) // num_processes)
 
 
 def run_launch(command: list[str], env: dict[str, str] | None = None) -> int:

@@ -7,7 +7,15 @@ Where the time goes is the encoder, so the scorer spends as little of it as poss
   text (dynamic padding), so almost no compute goes to padding;
 * passages are scored against their queries as soon as their batch is encoded and then
   dropped, so memory holds one window of query vectors and one batch of passage vectors;
-* input is streamed in windows; scores still come out in input order.
+* input is streamed in windows; scores still come out in input order. Each window is scored on
+  its own (no vectors are carried from one window to the next), so a window's scores are the
+  same bits whichever process scores it (:mod:`colbertkit.distributed_scoring` relies on it);
+* the next window is read and tokenized in a background thread while the encoder runs on this
+  one (the tokenizers release the GIL).
+
+The encoder runs in the precision asked for (``auto``: see
+:func:`colbertkit.precision.resolve_dtype`); the head's output is normalised and MaxSim computed
+in float32 whatever it ran in.
 
 Scores do not depend on batch size, batch-mates or padding: the maths lives in
 :mod:`colbertkit.scoring`, which masks padding exactly.
@@ -15,9 +23,11 @@ Scores do not depend on batch size, batch-mates or padding: the maths lives in
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -28,11 +38,11 @@ from colbertkit import defaults
 from colbertkit.collate import length_sorted_chunks, tokenize
 from colbertkit.errors import UsageError, validate_options
 from colbertkit.pairs import Pair, PairsInput
-from colbertkit.precision import DTYPE_NAMES, torch_dtype
+from colbertkit.precision import DTypeName, resolve_dtype, torch_dtype
 from colbertkit.scoring import maxsim_pairs
 
 DEFAULT_BATCH_SIZE = defaults.ENCODE_BATCH_SIZE
-DEFAULT_WINDOW = 4096  # pairs whose distinct texts are encoded together
+DEFAULT_WINDOW = defaults.SCORE_WINDOW
 
 
 def pick_device(requested: str = "auto") -> torch.device:
@@ -57,11 +67,8 @@ def pick_device(requested: str = "auto") -> torch.device:
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name not in DTYPE_NAMES:
-        raise UsageError(f"`dtype` {name}: use one of {', '.join(DTYPE_NAMES)}")
-    if name == "fp16" and device.type == "cpu":
-        raise UsageError("`dtype=fp16` is not supported on CPU; use bf16 or fp32")
-    return torch_dtype(name)
+    """The torch dtype that ``name`` (``auto``, fp32, fp16, bf16) runs as on ``device``."""
+    return torch_dtype(resolve_dtype(name, device)[0])
 
 
 class ScorerOptions(BaseModel):
@@ -71,6 +78,17 @@ class ScorerOptions(BaseModel):
     passage_max_len: int = Field(ge=2, description="CLS + at least one token")
     batch_size: int = Field(default=DEFAULT_BATCH_SIZE, ge=1)
     window: int = Field(default=DEFAULT_WINDOW, ge=1)
+
+
+@dataclass
+class _Window:
+    """Pairs read and tokenized, ready for the encoder (prepared in the background)."""
+
+    pairs: list[tuple[str, str]]
+    queries: list[str]  # distinct, first-seen order
+    query_ids: list[list[int]]
+    passage_ids: list[list[int]]  # of the distinct passages, first-seen order
+    pairs_of_passage: list[list[int]] = field(default_factory=list)
 
 
 @dataclass
@@ -125,10 +143,10 @@ class PairScorer:
     def tokenize(self, texts: Sequence[str], max_len: int) -> list[list[int]]:
         return tokenize(self.tokenizer, texts, max_len)
 
-    def _encode_batches(self, texts: Sequence[str], max_len: int) -> Iterator[_Encoded]:
-        """Encode ``texts`` longest first, in batches padded to their own longest text."""
+    def _encode_batches(self, token_ids: Sequence[Sequence[int]]) -> Iterator[_Encoded]:
+        """Encode tokenized texts longest first, in batches padded to their own longest text."""
         chunks = length_sorted_chunks(
-            self.tokenize(texts, max_len),
+            token_ids,
             chunk_size=self.batch_size,
             pad_id=self.tokenizer.pad_token_id or 0,
             multiple_of=self.length_multiple,
@@ -149,7 +167,7 @@ class PairScorer:
         """Real token vectors of each text: a list of (n_i - 1, D) float32 tensors."""
         out: list[torch.Tensor] = [torch.empty(0)] * len(texts)
         with self._no_grad():
-            for batch in self._encode_batches(texts, max_len):
+            for batch in self._encode_batches(self.tokenize(texts, max_len)):
                 lengths = batch.mask.sum(dim=1).tolist()
                 for row, index in enumerate(batch.indices):
                     out[index] = batch.embeddings[row, : lengths[row]].clone()
@@ -164,35 +182,48 @@ class PairScorer:
     ) -> Iterator[float]:
         """Scores of ``pairs`` in input order; ``progress(n)`` is told of each n pairs done."""
         iterator = iter(pairs)
-        query_cache: dict[str, torch.Tensor] = {}
-        while window := list(itertools.islice(iterator, self.window)):
-            with self._no_grad():
-                scores, query_cache = self._score_window(window, query_cache, progress)
-            yield from scores
 
-    def _score_window(
-        self,
-        window: list[tuple[str, str]],
-        previous_queries: dict[str, torch.Tensor],
-        progress: Callable[[int], None] | None,
-    ) -> tuple[list[float], dict[str, torch.Tensor]]:
+        def read_next() -> _Window | None:
+            window = list(itertools.islice(iterator, self.window))
+            return self._prepare(window) if window else None
+
+        # One thread reads and tokenizes window k+1 while the encoder runs on window k. Only it
+        # touches the input and the tokenizer, one window at a time.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="colbertkit-tokenize") as pool:
+            upcoming: Future[_Window | None] = pool.submit(read_next)
+            while (prepared := upcoming.result()) is not None:
+                upcoming = pool.submit(read_next)
+                with self._no_grad():
+                    scores = self._score_window(prepared, progress)
+                yield from scores
+
+    def _prepare(self, window: list[tuple[str, str]]) -> _Window:
         queries = list(dict.fromkeys(query for query, _ in window))
-        new_queries = [query for query in queries if query not in previous_queries]
-        encoded = dict(zip(new_queries, self.encode(new_queries, self.query_max_len), strict=True))
-        # Keep the vectors of this window's queries only: sorted inputs reuse them across the
-        # window boundary, and memory stays bounded by one window.
-        query_vectors = {
-            query: previous_queries.get(query, encoded.get(query)) for query in queries
-        }
-
         passages = list(dict.fromkeys(passage for _, passage in window))
         passage_index = {passage: i for i, passage in enumerate(passages)}
         pairs_of_passage: list[list[int]] = [[] for _ in passages]
         for pair_index, (_, passage) in enumerate(window):
             pairs_of_passage[passage_index[passage]].append(pair_index)
+        return _Window(
+            pairs=window,
+            queries=queries,
+            query_ids=self.tokenize(queries, self.query_max_len),
+            passage_ids=self.tokenize(passages, self.passage_max_len),
+            pairs_of_passage=pairs_of_passage,
+        )
+
+    def _score_window(
+        self, prepared: _Window, progress: Callable[[int], None] | None
+    ) -> list[float]:
+        window, pairs_of_passage = prepared.pairs, prepared.pairs_of_passage
+        query_vectors: dict[str, torch.Tensor] = {}
+        for batch in self._encode_batches(prepared.query_ids):
+            lengths = batch.mask.sum(dim=1).tolist()
+            for row, index in enumerate(batch.indices):
+                query_vectors[prepared.queries[index]] = batch.embeddings[row, : lengths[row]]
 
         scores = torch.empty(len(window))
-        for batch in self._encode_batches(passages, self.passage_max_len):
+        for batch in self._encode_batches(prepared.passage_ids):
             rows = [row for row, index in enumerate(batch.indices) for _ in pairs_of_passage[index]]
             pair_indices = [p for index in batch.indices for p in pairs_of_passage[index]]
             query_list = [query_vectors[window[p][0]] for p in pair_indices]
@@ -212,7 +243,7 @@ class PairScorer:
             scores[pair_indices] = batch_scores.float().cpu()
             if progress is not None:
                 progress(len(pair_indices))
-        return scores.tolist(), query_vectors
+        return scores.tolist()
 
 
 def rank_scored_pairs(
@@ -272,6 +303,68 @@ def _ranked_group(
         yield pair, rank, score
 
 
+@dataclass
+class LoadedScorer:
+    """A scorer on its device and precision, with the checkpoint it was loaded from."""
+
+    scorer: PairScorer
+    loaded: Any  # colbertkit.checkpoint.LoadedCheckpoint
+    device: torch.device
+    dtype: DTypeName  # what the encoder runs in
+    dtype_asked: str  # "auto" or a precision
+    dtype_reason: str  # why auto chose it ("AMX", ...); "asked" otherwise
+
+    def describe(self) -> str:
+        """``cpu (bf16, AMX)``: where and in what the encoder runs."""
+        from colbertkit.precision import describe_dtype
+
+        return f"{self.device} ({describe_dtype(self.dtype_asked, self.dtype, self.dtype_reason)})"
+
+
+def load_scorer(
+    checkpoint: str,
+    *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    query_max_len: int | None = None,
+    passage_max_len: int | None = None,
+    device: str = "auto",
+    dtype: str = "fp32",
+    pad_floor: bool = False,
+    window: int = DEFAULT_WINDOW,
+    compile_encoder: bool = False,
+    **load_options: Any,
+) -> LoadedScorer:
+    """Load ``checkpoint`` on ``device`` in ``dtype`` (``auto``: bf16 where the hardware has it,
+    see :func:`colbertkit.precision.resolve_dtype`) and build its :class:`PairScorer`.
+
+    Lengths default to the checkpoint's metadata, else :mod:`colbertkit.defaults`'.
+    ``load_options`` go to :func:`colbertkit.checkpoint.load_checkpoint` (``fresh_head``,
+    ``colbert_dim``, ...).
+    ``compile_encoder`` runs the encoder through ``torch.compile`` (dynamic shapes): off by
+    default, because on CPU it gained about 1.2x after minutes of compiling
+    (benchmarks/bench_score.py --compile), which only pays on very large inputs.
+    """
+    from colbertkit.checkpoint import load_checkpoint
+
+    target = pick_device(device)
+    resolved, reason = resolve_dtype(dtype, target)
+    loaded = load_checkpoint(
+        checkpoint, device=str(target), dtype=torch_dtype(resolved), **load_options
+    )
+    if compile_encoder:
+        loaded.model.encoder.compile(dynamic=True)  # in place: parameter names unchanged
+    scorer = PairScorer(
+        loaded.model,
+        loaded.tokenizer,
+        query_max_len=query_max_len or loaded.query_max_len,
+        passage_max_len=passage_max_len or loaded.passage_max_len,
+        batch_size=batch_size,
+        pad_floor=pad_floor,
+        window=window,
+    )
+    return LoadedScorer(scorer, loaded, target, resolved, dtype, reason)
+
+
 def score_pairs(
     checkpoint: str,
     pairs: Iterable[tuple[str, str]],
@@ -282,24 +375,136 @@ def score_pairs(
     device: str = "auto",
     dtype: str = "fp32",
     pad_floor: bool = False,
+    window: int = DEFAULT_WINDOW,
+    num_processes: int = 1,
+    num_machines: int = 1,
+    machine_rank: int = 0,
+    main_process_ip: str | None = None,
+    main_process_port: int = 29500,
     **load_options: Any,
 ) -> list[float]:
     """Load ``checkpoint`` and return the MaxSim score of each (query, passage) pair.
 
-    Lengths default to the checkpoint's metadata, else :mod:`colbertkit.defaults`'.
-    """
-    from colbertkit.checkpoint import load_checkpoint
+    Lengths default to the checkpoint's metadata, else :mod:`colbertkit.defaults`'. ``dtype``:
+    fp32 (exact, the default), bf16, fp16 (GPU) or ``auto`` (bf16 where the hardware computes
+    it natively).
 
-    target = pick_device(device)
-    loaded = load_checkpoint(
-        checkpoint, device=str(target), dtype=pick_dtype(dtype, target), **load_options
-    )
-    scorer = PairScorer(
-        loaded.model,
-        loaded.tokenizer,
-        query_max_len=query_max_len or loaded.query_max_len,
-        passage_max_len=passage_max_len or loaded.passage_max_len,
+    ``num_processes`` (per machine) and ``num_machines`` > 1 score on several processes through
+    ``accelerate launch`` (see :mod:`colbertkit.distributed_scoring`), each taking whole
+    windows of ``window`` pairs; the scores are the same bits as one process's. On a machine
+    other than the first (``machine_rank`` > 0) the list is empty: machine 0 gathers the
+    scores.
+    """
+    if num_processes * num_machines > 1:
+        from colbertkit.distributed_scoring import LaunchSettings, score_pairs_distributed
+
+        launch = LaunchSettings(
+            num_processes=num_processes,
+            num_machines=num_machines,
+            machine_rank=machine_rank,
+            main_process_ip=main_process_ip,
+            main_process_port=main_process_port,
+            device=device,
+        )
+        return score_pairs_distributed(
+            checkpoint,
+            pairs,
+            launch=launch,
+            batch_size=batch_size,
+            query_max_len=query_max_len,
+            passage_max_len=passage_max_len,
+            dtype=dtype,
+            pad_floor=pad_floor,
+            window=window,
+            **load_options,
+        )
+    loaded = load_scorer(
+        checkpoint,
         batch_size=batch_size,
+        query_max_len=query_max_len,
+        passage_max_len=passage_max_len,
+        device=device,
+        dtype=dtype,
         pad_floor=pad_floor,
+        window=window,
+        **load_options,
     )
-    return list(scorer.score(pairs))
+    return list(loaded.scorer.score(pairs))
+
+
+@contextlib.contextmanager
+def open_scoring(
+    checkpoint: str,
+    pairs: Any,
+    *,
+    launch: Any = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    query_max_len: int | None = None,
+    passage_max_len: int | None = None,
+    device: str = "auto",
+    dtype: str = "fp32",
+    pad_floor: bool = False,
+    window: int = DEFAULT_WINDOW,
+    quiet: bool = False,
+    log: Callable[[str], None] | None = None,
+    **load_options: Any,
+) -> Iterator[Callable[[Callable[[int], None] | None], Iterator[float]] | None]:
+    """What ``colbertkit score`` runs: yields ``scores(progress)``, the scores of a checked
+    pairs file (:class:`colbertkit.pairs.PairsInput`) in input order.
+
+    ``launch`` (:class:`colbertkit.distributed_scoring.LaunchSettings`) with more than one
+    process scores through ``accelerate launch`` (the workers say what they load and run on);
+    on a machine other than the first it yields None (machine 0 has the scores). Otherwise the
+    model loads here and ``log(line)`` is told what it is, where it runs and, for an fp32 run
+    where ``auto`` would be faster, by how much (:func:`colbertkit.precision.auto_hint`).
+    """
+    if launch is not None and launch.world_size > 1:
+        from colbertkit.distributed_scoring import scoring_launch
+
+        with scoring_launch(
+            checkpoint,
+            pairs.path,
+            count=pairs.count,
+            launch=launch,
+            batch_size=batch_size,
+            query_max_len=query_max_len,
+            passage_max_len=passage_max_len,
+            dtype=dtype,
+            pad_floor=pad_floor,
+            window=window,
+            quiet=quiet,
+            log=log,
+            **load_options,
+        ) as merged:
+            yield None if merged is None else (lambda progress: iter(merged))
+        return
+    from colbertkit.precision import auto_hint
+
+    loaded = load_scorer(
+        checkpoint,
+        batch_size=batch_size,
+        query_max_len=query_max_len,
+        passage_max_len=passage_max_len,
+        device=device,
+        dtype=dtype,
+        pad_floor=pad_floor,
+        window=window,
+        **load_options,
+    )
+    scorer = loaded.scorer
+    if log is not None:
+        for note in loaded.loaded.notes:
+            log(note)
+        log(
+            f"scoring {pairs.count} pairs on {loaded.describe()}, "
+            f"query/passage max len {scorer.query_max_len}/{scorer.passage_max_len}"
+            f"{', pad floor' if pad_floor else ''}"
+        )
+        hint = auto_hint(loaded.device) if dtype == "fp32" else None
+        if hint:
+            log(hint)
+
+    def scores(progress: Callable[[int], None] | None) -> Iterator[float]:
+        return scorer.score(((pair.query, pair.passage) for pair in pairs.pairs()), progress)
+
+    yield scores

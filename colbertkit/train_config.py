@@ -55,6 +55,7 @@ RESUMABLE_CHANGES = frozenset(
         "eval_each_epoch",
         "eval_at_start",
         "eval_batch_size",
+        "eval_dtype",
         "recall_at",
         "best_metric",
         "expected_num_processes",
@@ -148,7 +149,12 @@ class TrainConfig(BaseModel):
     weight_decay: float = Field(default=0.01, ge=0)
     warmup_proportion: float = Field(default=0.1, ge=0, lt=1)
     max_grad_norm: float | None = Field(default=1.0, gt=0)
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    mixed_precision: Literal["no", "fp16", "bf16", "auto"] = Field(
+        default="no",
+        description="Autocast the forward in 16 bits (weights and optimizer stay fp32); auto: "
+        "bf16 where the hardware computes it natively (CUDA, AMX / AVX512-BF16 CPUs), fp16 on "
+        "older GPUs, else no.",
+    )
     gradient_checkpointing: bool = False
     train_head_only: bool = Field(
         default=False, description="Freeze the encoder; train the ColBERT head only."
@@ -199,6 +205,12 @@ class TrainConfig(BaseModel):
     eval_each_epoch: bool = True
     eval_at_start: bool = False
     eval_batch_size: int = Field(default=32, ge=1, description="Sequences per eval forward.")
+    eval_dtype: Literal["auto", "fp32", "fp16", "bf16"] | None = Field(
+        default=None,
+        description="Precision of evaluation when training runs in fp32 (auto: bf16 where the "
+        "hardware has it); null: the training's mixed precision. Under mixed precision, "
+        "evaluation runs in it.",
+    )
     recall_at: list[int] = Field(default_factory=lambda: [5, 10], min_length=1)
     best_metric: str | None = Field(
         default="mrr@10",

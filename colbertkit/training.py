@@ -202,6 +202,8 @@ def train(config: TrainConfig | Mapping[str, Any]) -> TrainResult:
     evaluator = (
         _Evaluator(eval_rows, tokenizer, config, accelerator, multiple_of) if eval_rows else None
     )
+    if evaluator is not None and config.eval_dtype is not None:
+        console.print(f"evaluation runs in {evaluator.describe()}")
     eval_history: list[dict[str, float]] = []
 
     def evaluate_and_keep_best() -> None:
@@ -490,9 +492,11 @@ def _micro_batch(
 
 
 def _make_accelerator(config: TrainConfig) -> Any:
-    from accelerate import Accelerator
+    from accelerate import Accelerator, PartialState
     from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import ProjectConfiguration, set_seed
+
+    from colbertkit.precision import resolve_mixed_precision
 
     if config.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise UsageError(
@@ -510,10 +514,15 @@ def _make_accelerator(config: TrainConfig) -> Any:
     # DistributedType.NO in each process: N independent trainings that never share a gradient.
     launched_processes = int(os.environ.get("WORLD_SIZE", "1"))
     use_cpu = not torch.cuda.is_available() and launched_processes > 1
+    mixed_precision = config.mixed_precision
+    if mixed_precision == "auto":  # decided by the device this process computes on
+        forced_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+        device = PartialState(cpu=use_cpu or forced_cpu).device
+        mixed_precision, _ = resolve_mixed_precision("auto", device)
     try:
         accelerator = Accelerator(
             cpu=use_cpu,
-            mixed_precision=config.mixed_precision,
+            mixed_precision=mixed_precision,
             # The loop accumulates and steps the schedule itself (see the loop): accelerate's
             # counting assumes its own dataloader, which this engine does not use.
             gradient_accumulation_steps=1,
@@ -898,6 +907,46 @@ class _Evaluator:
             if self.sharded_model
             else rows[accelerator.process_index :: accelerator.num_processes]
         )
+        self.dtype, self.dtype_reason = self._eval_precision()
+
+    def _eval_precision(self) -> tuple[str | None, str]:
+        """The precision evaluation autocasts to (None: the training's own), and why.
+
+        ``eval_dtype`` applies to fp32 training; under mixed precision the model is evaluated in
+        it (its forward autocasts, and FSDP gathers 16-bit parameters).
+        """
+        from colbertkit.precision import resolve_dtype
+
+        asked = self.config.eval_dtype
+        training = self.accelerator.mixed_precision
+        if asked is None:
+            return None, "the training's precision"
+        if training != "no":
+            if asked not in ("auto", training):
+                raise UsageError(
+                    f"eval_dtype {asked}: evaluation runs in the training's mixed precision "
+                    f"({training}); set eval_dtype to null or {training}"
+                )
+            return None, "the training's precision"
+        return resolve_dtype(asked, self.accelerator.device)
+
+    def describe(self) -> str:
+        """``bf16, AMX``: what evaluation runs in."""
+        from colbertkit.precision import describe_dtype
+
+        if self.dtype is None:
+            precision = self.accelerator.mixed_precision
+            return "fp32" if precision == "no" else f"{precision} autocast (mixed_precision)"
+        return describe_dtype(str(self.config.eval_dtype), self.dtype, self.dtype_reason)
+
+    def _autocast(self) -> Any:
+        if self.dtype is None:
+            return self.accelerator.autocast()
+        if self.dtype == "fp32":
+            return nullcontext()
+        from colbertkit.precision import torch_dtype
+
+        return torch.autocast(self.accelerator.device.type, dtype=torch_dtype(self.dtype))
 
     @torch.no_grad()
     def __call__(self, model: nn.Module) -> dict[str, float]:
@@ -920,7 +969,7 @@ class _Evaluator:
         pairs = [(row.query, passage) for row in self.rows for passage in (*row.pos, *row.neg)]
         names = self.config.metric_names()
         sums = torch.zeros(len(names) + 1, dtype=torch.float64)
-        with self.accelerator.autocast():
+        with self._autocast():
             scores = iter(scorer.score(pairs))
             for row in self.rows:
                 relevance = [True] * len(row.pos) + [False] * len(row.neg)

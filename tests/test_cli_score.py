@@ -247,3 +247,111 @@ def test_real_minilm_ranks_the_relevant_passage_first(tmp_path):
     best = {r["qid"]: r["score"] for r in ranked if r["rank"] == 1}
     worst = {r["qid"]: r["score"] for r in ranked if r["rank"] == 2}
     assert all(best[q] - worst[q] > 0.1 for q in best)
+
+
+def test_dtype_auto_says_what_ran(reference_dir, pairs_file):
+    from colbertkit.precision import resolve_dtype
+
+    chosen, reason = resolve_dtype("auto", "cpu")
+    result = score(reference_dir, pairs_file(TWO_COLUMNS), "--device", "cpu", "--dtype", "auto")
+    assert result.exit_code == 0, result.output
+    assert f"scoring 3 pairs on cpu ({chosen}, {reason})" in result.stderr
+    exact = score(reference_dir, pairs_file(TWO_COLUMNS), "--device", "cpu", "--dtype", chosen)
+    assert result.stdout == exact.stdout
+
+
+def test_fp32_run_hints_at_auto_only_where_auto_is_faster(reference_dir, pairs_file):
+    from colbertkit.precision import auto_hint
+
+    hint = auto_hint("cpu")  # None on a CPU without native bf16: nothing to gain, nothing said
+    result = score(reference_dir, pairs_file(TWO_COLUMNS), "--device", "cpu")
+    assert result.exit_code == 0
+    assert "scoring 3 pairs on cpu (fp32)," in result.stderr
+    assert ("--dtype auto is" in result.stderr) == (hint is not None)
+    if hint is not None:
+        assert result.stderr.count("--dtype auto is") == 1
+    quiet = score(reference_dir, pairs_file(TWO_COLUMNS), "--device", "cpu", "--quiet")
+    assert quiet.stderr == ""
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--num-machines", "2"], "--num-machines 2 needs --main-process-ip"),
+        (["--machine-rank", "1"], "--machine-rank 1 must be below --num-machines 1"),
+        (["--num-processes", "2", "--device", "mps"], "--device mps: several processes"),
+    ],
+)
+def test_launch_settings_errors_name_the_flags(reference_dir, pairs_file, args, message):
+    result = score(reference_dir, pairs_file(FOUR_COLUMNS), *args)
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr
+
+
+def colbertkit_command(*args) -> subprocess.CompletedProcess:
+    """The installed ``colbertkit`` console script, as a user runs it."""
+    import shutil
+
+    executable = shutil.which("colbertkit") or str(
+        __import__("pathlib").Path(sys.executable).with_name("colbertkit")
+    )
+    return subprocess.run([executable, *map(str, args)], capture_output=True, text=True)
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_write_byte_identical_output(colbertkit_dir, tmp_path):
+    # 61 pairs in windows of 8: 8 windows split over 2 processes (gloo), the last one short.
+    words = [
+        "the",
+        "cat",
+        "eats",
+        "fish",
+        "dogs",
+        "swim",
+        "in",
+        "the",
+        "river",
+        "paris",
+        "is",
+        "the",
+        "capital",
+        "of",
+        "france",
+    ]
+    lines = []
+    for index in range(61):
+        query = " ".join(words[(index // 5) % 7 : (index // 5) % 7 + 3])
+        passage = " ".join(words[(index * 3) % 11 : (index * 3) % 11 + 2 + index % 6])
+        lines.append(f"q{index // 5}\t{query}\tp{index}\t{passage}\n")
+    pairs = tmp_path / "pairs.tsv"
+    pairs.write_text("".join(lines))
+    one, two = tmp_path / "one.tsv", tmp_path / "two.tsv"
+    single = colbertkit_command("score", colbertkit_dir, pairs, "-o", one, "--window", "8", "-q")
+    assert single.returncode == 0, single.stderr
+    double = colbertkit_command(
+        "score", colbertkit_dir, pairs, "-o", two, "--window", "8", "--num-processes", "2"
+    )
+    assert double.returncode == 0, double.stderr
+    assert "launching 2 process(es) x 1 machine(s) on CPU" in double.stderr
+    assert two.read_bytes() == one.read_bytes()
+    assert len(one.read_text().splitlines()) == 61
+    # Ranked output goes through the same writer: identical too.
+    ranked = [colbertkit_command(
+        "score", colbertkit_dir, pairs, "--format", "trec", "--window", "8", "-q", *extra
+    ) for extra in ([], ["--num-processes", "2"])]  # fmt: skip
+    assert ranked[0].returncode == ranked[1].returncode == 0
+    assert ranked[1].stdout == ranked[0].stdout
+
+
+@pytest.mark.slow
+def test_a_failing_worker_fails_the_command_and_writes_nothing(colbertkit_dir, tmp_path):
+    pairs = tmp_path / "pairs.tsv"
+    pairs.write_text(FOUR_COLUMNS)
+    out = tmp_path / "out.tsv"
+    result = colbertkit_command(
+        "score", colbertkit_dir, pairs, "-o", out, "--num-processes", "2", "--colbert-dim", "5"
+    )
+    assert result.returncode == 2, result.stderr  # the worker's own exit code (a usage error)
+    assert "does not match the checkpoint's head" in result.stderr
+    assert "scoring failed in a worker process" in result.stderr
+    assert not out.exists()

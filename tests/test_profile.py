@@ -185,3 +185,13 @@ def test_multi_node_counts_processes_over_all_machines():
     assert (config["num_processes"], config["num_machines"], config["machine_rank"]) == (8, 2, 1)
     assert (config["main_process_ip"], config["main_process_port"]) == ("10.0.0.1", 29501)
     assert profile.train_config().expected_num_processes == 8
+
+
+def test_mixed_precision_auto_is_resolved_for_accelerate_on_the_launching_machine():
+    from colbertkit.precision import resolve_mixed_precision
+
+    profile = resolve_profile(None, {**REQUIRED, "mixed_precision": "auto"}).profile
+    config = accelerate_config(profile, gpu=False, layer_class=None)
+    assert config["mixed_precision"] == resolve_mixed_precision("auto", "cpu")[0]
+    assert config["mixed_precision"] in ("no", "bf16")  # accelerate knows no "auto"
+    assert profile.train_config().mixed_precision == "auto"  # each worker decides on its device

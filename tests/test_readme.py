@@ -142,6 +142,22 @@ def check_trec(result, ws):
     assert len(rows) == 6 and all(len(r) == 6 and r[1] == "Q0" for r in rows)
 
 
+def check_two_processes(result, ws):
+    assert "launching 2 process(es) x 1 machine(s) on CPU" in result.stderr
+    assert re.search(
+        r"each cpu \((bf16, \w+|fp32, no native bf16 on this CPU: \w+)\)", result.stderr
+    )
+    rows = [line.split("\t") for line in (ws / "scores-2.tsv").read_text().splitlines()]
+    inputs = [line.split("\t") for line in (ws / "run.tsv").read_text().splitlines()]
+    assert [r[:4] for r in rows] == inputs  # merged back in input order
+    exact = {
+        (r[0], r[2]): float(r[4])
+        for r in map(str.split, (ws / "run.trec").read_text().splitlines())
+    }
+    for qid, _, pid, _, score in rows:
+        assert abs(float(score) - exact[qid, pid]) < 2e-2  # bf16 where native: close to fp32
+
+
 def check_json_quiet(result, ws):
     records = [json.loads(line) for line in result.stdout.splitlines()]
     assert len(records) == 6 and {"qid", "pid", "score"} <= set(records[0])
@@ -323,6 +339,10 @@ CHECKS: dict[str, tuple[int, Check]] = {
     "colbertkit score runs/demo run.tsv --rank --top-k 2": (0, check_rank_top_k),
     "colbertkit score runs/demo run.tsv --format trec > run.trec": (0, check_trec),
     "colbertkit score runs/demo run.tsv --format json --quiet": (0, check_json_quiet),
+    "colbertkit score runs/demo run.tsv --dtype auto --num-processes 2 --output scores-2.tsv": (
+        0,
+        check_two_processes,
+    ),
     "colbertkit score sentence-transformers/all-MiniLM-L6-v2 pairs.tsv --fresh-head": (
         0,
         check_fresh_head,

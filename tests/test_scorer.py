@@ -174,3 +174,98 @@ def test_scoring_streams_its_input_in_windows(loaded):
     first = list(itertools.islice(make_scorer(loaded, window=4).score(endless), 2 * len(PAIRS)))
     base = list(make_scorer(loaded).score(PAIRS))
     assert first == pytest.approx(base * 2, abs=1e-5)
+
+
+@pytest.mark.slow
+def test_each_window_scores_the_same_bits_alone_or_in_a_stream():
+    # What scoring across processes relies on: a window's scores do not depend on the windows
+    # before it (no vectors carried over), so any process scores it to the same bits. A real
+    # model (MiniLM) is needed: the tiny one's vectors do not change bits with batch-mates.
+    loaded = load_checkpoint("sentence-transformers/all-MiniLM-L6-v2", fresh_head=True)
+    queries = [
+        "what is the capital of france and how big is it",
+        "how do fish swim",
+        "cats",
+        "who won the world cup in football last year",
+    ]
+    passages = [
+        "paris is the capital of france",
+        "fish swim with fins in the sea and rivers",
+        "a cat is a small animal",
+        "the team won the final",
+        "music and history of europe",
+    ]
+    pairs = [(query, passage) for query in queries for passage in passages]  # 5 per query
+    stream = list(make_scorer(loaded, window=3).score(pairs))  # queries cross window borders
+    for start in range(0, len(pairs), 3):
+        alone = list(make_scorer(loaded, window=3).score(pairs[start : start + 3]))
+        assert alone == stream[start : start + 3]
+
+
+def test_an_input_error_in_a_later_window_reaches_the_caller(loaded):
+    # The next window is read in a background thread; its errors must still surface, after the
+    # windows before it were scored.
+    from colbertkit.errors import InputError
+
+    def pairs():
+        yield from PAIRS[:4]
+        raise InputError("pairs.tsv", 5, "empty passage", "write a passage")
+
+    scores = make_scorer(loaded, window=4).score(pairs())
+    assert len([next(scores) for _ in range(4)]) == 4
+    with pytest.raises(InputError, match=r"pairs.tsv:5"):
+        next(scores)
+
+
+def test_bf16_encoder_still_gives_float32_unit_vectors_and_close_scores(reference_dir):
+    # MaxSim and the normalisation stay in float32 whatever the encoder runs in.
+    fp32 = load_checkpoint(reference_dir)
+    bf16 = load_checkpoint(reference_dir, dtype=torch.bfloat16)
+    layer_dtypes = []
+    hook = bf16.model.encoder.encoder.layer[0].register_forward_hook(
+        lambda module, args, output: layer_dtypes.append(
+            (output[0] if isinstance(output, tuple) else output).dtype
+        )
+    )
+    encoded = bf16.tokenizer(["the cat eats fish"], return_tensors="pt")
+    with torch.inference_mode():
+        embeddings, mask = bf16.model(encoded["input_ids"], encoded["attention_mask"])
+    hook.remove()
+    assert layer_dtypes == [torch.bfloat16]
+    assert embeddings.dtype == torch.float32
+    norms = embeddings[mask.bool()].norm(dim=-1)
+    assert torch.allclose(norms, torch.ones_like(norms), atol=1e-6)
+    exact = list(make_scorer(fp32).score(PAIRS))
+    approximate = list(make_scorer(bf16).score(PAIRS))
+    assert approximate != exact  # it really ran in bf16
+    assert approximate == pytest.approx(exact, abs=2e-2)
+
+
+def test_score_pairs_auto_runs_what_resolve_dtype_chose(reference_dir):
+    from colbertkit.precision import resolve_dtype
+    from colbertkit.scorer import load_scorer, score_pairs
+
+    chosen, _ = resolve_dtype("auto", "cpu")
+    auto = load_scorer(str(reference_dir), device="cpu", dtype="auto")
+    assert auto.dtype == chosen
+    assert (
+        next(auto.loaded.model.encoder.parameters()).dtype
+        == {
+            "fp32": torch.float32,
+            "bf16": torch.bfloat16,
+        }[chosen]
+    )
+    assert auto.describe().startswith(f"cpu ({chosen}, ")
+    assert score_pairs(str(reference_dir), PAIRS, device="cpu", dtype="auto") == score_pairs(
+        str(reference_dir), PAIRS, device="cpu", dtype=chosen
+    )
+
+
+@pytest.mark.slow
+def test_score_pairs_on_two_processes_gives_the_same_scores(colbertkit_dir):
+    from colbertkit.scorer import score_pairs
+
+    pairs = [*PAIRS, *PAIRS[::-1], *PAIRS[1::2]]  # 15 pairs: windows of 4 over 2 processes
+    alone = score_pairs(str(colbertkit_dir), pairs, device="cpu", window=4)
+    together = score_pairs(str(colbertkit_dir), pairs, device="cpu", window=4, num_processes=2)
+    assert together == alone

@@ -750,3 +750,73 @@ def test_plan_counts_negatives_steps_and_warmup(tmp_path, dataset):
     accumulated = plan_training({**settings, "batch_size": 2, "gradient_accumulation_steps": 3})
     assert accumulated["effective_batch_size"] == 6 and accumulated["negatives_per_query"] == 6
     assert accumulated["total_steps"] == 4  # 12 micro-batches / 3
+
+
+# --------------------------------------------------------------------------------------------
+# Precision: what really runs inside the forward
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def activation_dtypes():
+    """(grad enabled?, output dtype) of every Linear forward (the encoder's projections and
+    the head: where the arithmetic is) while the test runs.
+
+    A process-wide forward hook (torch's own API): it sees the model train() builds inside.
+    Layer outputs would not do: CPU autocast keeps LayerNorm in fp32.
+    """
+    seen: list[tuple[bool, torch.dtype]] = []
+
+    def record(module, args, output):
+        # Batches of one are the engine's probe for unused parameters (one fp32 forward before
+        # training starts), not training or evaluation.
+        if isinstance(module, torch.nn.Linear) and args[0].shape[0] > 1:
+            seen.append((torch.is_grad_enabled(), output.dtype))
+
+    handle = torch.nn.modules.module.register_module_forward_hook(record)
+    yield seen
+    handle.remove()
+
+
+@pytest.mark.parametrize("mixed_precision", ["bf16", "no", "auto"])
+def test_mixed_precision_really_runs_the_encoder_in_it(
+    tmp_path, colbertkit_dir, dataset, activation_dtypes, mixed_precision
+):
+    from colbertkit.precision import resolve_mixed_precision
+
+    expected = {"bf16": torch.bfloat16, "no": torch.float32}[
+        resolve_mixed_precision(mixed_precision, "cpu")[0]
+    ]
+    result = train(
+        base_config(tmp_path, colbertkit_dir, dataset, max_steps=2, mixed_precision=mixed_precision)
+    )
+    assert result.global_step == 2 and result.last_loss is not None
+    training = [dtype for grad, dtype in activation_dtypes if grad]
+    assert training and set(training) == {expected}
+
+
+def test_eval_dtype_sets_the_evaluation_precision_of_an_fp32_run(
+    tmp_path, colbertkit_dir, dataset, activation_dtypes
+):
+    config = base_config(
+        tmp_path, colbertkit_dir, dataset, max_steps=1, eval_dataset=str(dataset), eval_dtype="bf16"
+    )
+    result = train(config)
+    assert result.eval_history and 0 <= result.eval_history[-1]["mrr@10"] <= 1
+    training = {dtype for grad, dtype in activation_dtypes if grad}
+    evaluation = {dtype for grad, dtype in activation_dtypes if not grad}
+    assert training == {torch.float32} and evaluation == {torch.bfloat16}
+
+
+def test_eval_dtype_cannot_contradict_mixed_precision(tmp_path, colbertkit_dir, dataset):
+    config = base_config(
+        tmp_path,
+        colbertkit_dir,
+        dataset,
+        max_steps=1,
+        eval_dataset=str(dataset),
+        mixed_precision="bf16",
+        eval_dtype="fp32",
+    )
+    with pytest.raises(UsageError, match=r"eval_dtype fp32: evaluation runs in the training's"):
+        train(config)

@@ -19,12 +19,14 @@ from rich.markup import escape
 
 from colbertkit import defaults, errors
 from colbertkit.errors import ColbertkitError
-from colbertkit.precision import DTYPE_NAMES
+from colbertkit.precision import COMPUTE_DTYPE_NAMES, DTYPE_NAMES
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-# Weight precision, as the commands spell it.
+# Weight precision, as the commands spell it (a storage format: export).
 DType = enum.Enum("DType", {name: name for name in DTYPE_NAMES}, type=str)
+# Precision of a computation: the above or auto (bf16 where the hardware has it).
+ComputeDType = enum.Enum("ComputeDType", {name: name for name in COMPUTE_DTYPE_NAMES}, type=str)
 
 
 class ReportFormat(str, enum.Enum):
@@ -82,7 +84,12 @@ def device_option() -> Any:
 
 
 def dtype_option() -> Any:
-    return typer.Option(DType.fp32, "--dtype", help="Model precision; fp16 needs a GPU.")
+    return typer.Option(
+        ComputeDType.fp32,
+        "--dtype",
+        help="Encoder precision: fp32 (exact), bf16, fp16 (GPU), or auto: bf16 where the "
+        "hardware has it (CUDA, AMX / AVX512-BF16 CPUs), fp16 on older GPUs, else fp32.",
+    )
 
 
 def max_len_option(kind: str) -> Any:
@@ -126,9 +133,14 @@ PARAMETER_FLAGS = {
     "format": "--format",
     "layout": "--layout",
     "fresh_head": "--fresh-head",
+    "machine_rank": "--machine-rank",
+    "main_process_ip": "--main-process-ip",
+    "main_process_port": "--main-process-port",
     "max_line_bytes": "--max-line-bytes",
     "max_tracked_rows": "--max-tracked-rows",
     "neg_nums": "--neg-nums",
+    "num_machines": "--num-machines",
+    "num_processes": "--num-processes",
     "output_dir": "--output-dir",
     "overwrite": "--overwrite",
     "pad_floor": "--pad-floor",

@@ -16,7 +16,7 @@ import typer
 
 from colbertkit import defaults
 from colbertkit.cli._common import (
-    DType,
+    ComputeDType,
     ReportFormat,
     debug_option,
     device_option,
@@ -89,7 +89,7 @@ def evaluate_command(
     query_max_len: int | None = max_len_option("query"),
     passage_max_len: int | None = max_len_option("passage"),
     device: str = device_option(),
-    dtype: DType = dtype_option(),
+    dtype: ComputeDType = dtype_option(),
     pad_floor: bool = typer.Option(
         False,
         "--pad-floor",

@@ -12,7 +12,7 @@ from pathlib import Path
 import typer
 
 from colbertkit.cli._common import (
-    DType,
+    ComputeDType,
     ReportFormat,
     debug_option,
     device_option,
@@ -84,7 +84,7 @@ def mine_command(
     ),
     encode_batch_size: int = encode_batch_size_option(),
     device: str = device_option(),
-    dtype: DType = dtype_option(),
+    dtype: ComputeDType = dtype_option(),
     query_max_len: int | None = max_len_option("query"),
     passage_max_len: int | None = max_len_option("passage"),
     trust_remote_code: bool = trust_remote_code_option(),

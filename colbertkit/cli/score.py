@@ -15,7 +15,7 @@ from rich.markup import escape
 
 from colbertkit import defaults
 from colbertkit.cli._common import (
-    DType,
+    ComputeDType,
     debug_option,
     device_option,
     dtype_option,
@@ -73,7 +73,7 @@ def score_command(
     query_max_len: int | None = max_len_option("query"),
     passage_max_len: int | None = max_len_option("passage"),
     device: str = device_option(),
-    dtype: DType = dtype_option(),
+    dtype: ComputeDType = dtype_option(),
     pad_floor: bool = typer.Option(
         False,
         "--pad-floor",
@@ -92,6 +92,31 @@ def score_command(
     seed: int = typer.Option(0, "--seed", help="Seed of --fresh-head."),
     trust_remote_code: bool = trust_remote_code_option(),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar on stderr."),
+    window: int = typer.Option(
+        defaults.SCORE_WINDOW,
+        "--window",
+        min=1,
+        metavar="N",
+        help="Pairs whose distinct texts are encoded together (the unit split across processes).",
+    ),
+    num_processes: int = typer.Option(
+        1, "--num-processes", min=1, metavar="N", help="Processes per machine (GPUs, or CPU ones)."
+    ),
+    num_machines: int = typer.Option(
+        1, "--num-machines", min=1, metavar="N", help="Machines scoring."
+    ),
+    machine_rank: int = typer.Option(
+        0, "--machine-rank", min=0, metavar="N", help="This machine (0 writes)."
+    ),
+    main_process_ip: str | None = typer.Option(
+        None, "--main-process-ip", metavar="ADDRESS", help="Machine 0 (with --num-machines > 1)."
+    ),
+    main_process_port: int | None = typer.Option(
+        None,
+        "--main-process-port",
+        metavar="PORT",
+        help="Default: a free port; 29500 across machines.",
+    ),
     quiet: bool = quiet_option(),
     debug: bool = debug_option(),
 ) -> None:
@@ -104,10 +129,14 @@ def score_command(
       colbertkit score runs/demo pairs.tsv --output scores.tsv
 
       colbertkit score runs/demo run.tsv --format trec --top-k 10 > run.trec
+
+      colbertkit score runs/demo pairs.tsv --dtype auto --num-processes 2 -o scores.tsv
     """
-    from colbertkit.checkpoint import load_checkpoint
+    from colbertkit.distributed_scoring import LaunchSettings
+    from colbertkit.errors import validate_options
     from colbertkit.pairs import open_pairs
-    from colbertkit.scorer import PairScorer, pick_device, pick_dtype, rank_scored_pairs
+    from colbertkit.precision import resolve_dtype
+    from colbertkit.scorer import open_scoring, pick_device, rank_scored_pairs
 
     fmt = _resolve_format(output_format, output)
     rank = rank or fmt == OutputFormat.trec  # a run file is ranked by definition
@@ -115,8 +144,16 @@ def score_command(
         raise UsageError("--top-k needs --rank")
     if output is not None and not output.parent.is_dir():
         raise UsageError(f"--output {output}: directory {output.parent} does not exist")
-    target = pick_device(device)
-    torch_dtype = pick_dtype(dtype.value, target)
+    launch = validate_options(
+        LaunchSettings,
+        num_processes=num_processes,
+        num_machines=num_machines,
+        machine_rank=machine_rank,
+        main_process_ip=main_process_ip,
+        main_process_port=main_process_port,
+        device=device,
+    )
+    resolve_dtype(dtype.value, pick_device(device))  # fp16 on a CPU stops here, not in workers
     source = open_pairs(pairs)  # checks every line before any model is loaded
     console = stderr_console()
 
@@ -129,43 +166,44 @@ def score_command(
             raise UsageError(
                 f"{source.name}: ranking needs ids; write qid<TAB>query<TAB>pid<TAB>passage lines"
             )
-        loaded = load_checkpoint(
-            checkpoint,
-            colbert_dim=colbert_dim,
-            fresh_head=fresh_head,
-            seed=seed,
-            device=str(target),
-            dtype=torch_dtype,
-            trust_remote_code=trust_remote_code,
-        )
-        scorer = PairScorer(
-            loaded.model,
-            loaded.tokenizer,
-            query_max_len=query_max_len or loaded.query_max_len,
-            passage_max_len=passage_max_len or loaded.passage_max_len,
-            batch_size=encode_batch_size,
-            pad_floor=pad_floor,
-        )
-        for line in loaded.notes:
-            note(line)
-        note(
-            f"scoring {source.count} pairs on {target} ({dtype.value}), "
-            f"query/passage max len {scorer.query_max_len}/{scorer.passage_max_len}"
-            f"{', pad floor' if pad_floor else ''}"
-        )
-        bar = progress_bar("scoring", source.count, enabled=progress and not quiet)
-        with _open_output(output) as out, bar as advance:
-            texts = ((pair.query, pair.passage) for pair in source.pairs())
-            scored = zip(source.pairs(), scorer.score(texts, progress=advance), strict=True)
-            if rank:
-                rows = rank_scored_pairs(source, scored, top_k, note=note)
-            else:
-                rows = ((pair, None, score) for pair, score in scored)
+        with (
+            open_scoring(
+                checkpoint,
+                source,
+                launch=launch,
+                batch_size=encode_batch_size,
+                query_max_len=query_max_len,
+                passage_max_len=passage_max_len,
+                device=device,
+                dtype=dtype.value,
+                pad_floor=pad_floor,
+                window=window,
+                quiet=quiet,
+                log=None if quiet else note,
+                colbert_dim=colbert_dim,
+                fresh_head=fresh_head,
+                seed=seed,
+                trust_remote_code=trust_remote_code,
+            ) as scores,
+            _open_output(output) if scores is not None else _nothing() as out,
+        ):
+            if scores is None:
+                note(f"machine {machine_rank}: its share is scored; machine 0 writes the output")
+                return
+            bar = progress_bar("scoring", source.count, enabled=progress and not quiet)
+            with bar as advance:
+                scored = zip(source.pairs(), scores(advance), strict=True)
+                if rank:
+                    rows = rank_scored_pairs(source, scored, top_k, note=note)
+                else:
+                    rows = ((pair, None, score) for pair, score in scored)
+                if fmt == OutputFormat.table:
+                    rows = list(rows)  # a table is for a terminal: small inputs
+                else:
+                    for pair, position, score in rows:  # streamed: memory stays bounded
+                        out.write(_format_line(pair, score, fmt, position))
             if fmt == OutputFormat.table:
-                _print_table(list(rows), has_ids=source.has_ids, ranked=rank, out=out)
-            else:
-                for pair, position, score in rows:  # streamed: memory stays bounded
-                    out.write(_format_line(pair, score, fmt, position))
+                _print_table(rows, has_ids=source.has_ids, ranked=rank, out=out)
     finally:
         source.close()
 
@@ -181,6 +219,11 @@ def _open_output(path: Path | None) -> Iterator[IO[str]]:
 
     with atomic_file(path) as handle:
         yield handle
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield None
 
 
 def _resolve_format(requested: OutputFormat, output: Path | None) -> OutputFormat:
