@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -288,14 +289,26 @@ def test_launch_settings_errors_name_the_flags(reference_dir, pairs_file, args, 
     assert message in result.stderr
 
 
-def colbertkit_command(*args) -> subprocess.CompletedProcess:
+def colbertkit_command(*args, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """The installed ``colbertkit`` console script, as a user runs it."""
     import shutil
 
     executable = shutil.which("colbertkit") or str(
         __import__("pathlib").Path(sys.executable).with_name("colbertkit")
     )
-    return subprocess.run([executable, *map(str, args)], capture_output=True, text=True)
+    return subprocess.run(
+        [executable, *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=None if env is None else {**os.environ, **env},
+    )
+
+
+def threads_like_each_of(processes: int) -> dict[str, str]:
+    """The environment of one process that computes with the threads each of ``processes``
+    CPU processes gets (the machine's cores shared out). A matrix product's rounding depends
+    on how many threads split it, so bit-identity holds at equal threads per process."""
+    return {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // processes))}
 
 
 @pytest.mark.slow
@@ -326,7 +339,17 @@ def test_two_cpu_processes_write_byte_identical_output(colbertkit_dir, tmp_path)
     pairs = tmp_path / "pairs.tsv"
     pairs.write_text("".join(lines))
     one, two = tmp_path / "one.tsv", tmp_path / "two.tsv"
-    single = colbertkit_command("score", colbertkit_dir, pairs, "-o", one, "--window", "8", "-q")
+    single = colbertkit_command(
+        "score",
+        colbertkit_dir,
+        pairs,
+        "-o",
+        one,
+        "--window",
+        "8",
+        "-q",
+        env=threads_like_each_of(2),
+    )
     assert single.returncode == 0, single.stderr
     double = colbertkit_command(
         "score", colbertkit_dir, pairs, "-o", two, "--window", "8", "--num-processes", "2"
@@ -337,8 +360,8 @@ def test_two_cpu_processes_write_byte_identical_output(colbertkit_dir, tmp_path)
     assert len(one.read_text().splitlines()) == 61
     # Ranked output goes through the same writer: identical too.
     ranked = [colbertkit_command(
-        "score", colbertkit_dir, pairs, "--format", "trec", "--window", "8", "-q", *extra
-    ) for extra in ([], ["--num-processes", "2"])]  # fmt: skip
+        "score", colbertkit_dir, pairs, "--format", "trec", "--window", "8", "-q", *extra, env=env
+    ) for extra, env in (([], threads_like_each_of(2)), (["--num-processes", "2"], None))]  # fmt: skip
     assert ranked[0].returncode == ranked[1].returncode == 0
     assert ranked[1].stdout == ranked[0].stdout
 

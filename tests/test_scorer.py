@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 
 import pytest
 import torch
@@ -266,6 +267,13 @@ def test_score_pairs_on_two_processes_gives_the_same_scores(colbertkit_dir):
     from colbertkit.scorer import score_pairs
 
     pairs = [*PAIRS, *PAIRS[::-1], *PAIRS[1::2]]  # 15 pairs: windows of 4 over 2 processes
-    alone = score_pairs(str(colbertkit_dir), pairs, device="cpu", window=4)
+    # Each of 2 CPU processes computes with half the cores; rounding depends on the threads
+    # that split a product, so the one-process run uses as many.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // 2))
+    try:
+        alone = score_pairs(str(colbertkit_dir), pairs, device="cpu", window=4)
+    finally:
+        torch.set_num_threads(threads)
     together = score_pairs(str(colbertkit_dir), pairs, device="cpu", window=4, num_processes=2)
     assert together == alone
