@@ -27,7 +27,6 @@ import contextlib
 import json
 import math
 import shutil
-import socket
 import sys
 import tempfile
 import time
@@ -118,12 +117,6 @@ def windows_of_rank(count: int, window: int, world_size: int, rank: int) -> list
     return list(range(rank, math.ceil(count / window), world_size))
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def _distributed_config(launch: LaunchSettings) -> tuple[Any, bool]:
     """The launcher's ``distributed:`` section for ``launch``, and whether it uses GPUs."""
     from pydantic import ValidationError
@@ -135,9 +128,6 @@ def _distributed_config(launch: LaunchSettings) -> tuple[Any, bool]:
     gpu = gpu_available() if launch.device == "auto" else launch.device == "cuda"
     if gpu and not gpu_available():
         raise UsageError("`device` cuda: CUDA is not available here; use `device=cpu`")
-    port = launch.main_process_port
-    if port is None:
-        port = 29500 if launch.num_machines > 1 else _free_port()
     try:
         dist = DistributedConfig(
             strategy="ddp" if launch.world_size > 1 else "none",
@@ -146,7 +136,7 @@ def _distributed_config(launch: LaunchSettings) -> tuple[Any, bool]:
             num_machines=launch.num_machines,
             machine_rank=launch.machine_rank,
             main_process_ip=launch.main_process_ip,
-            main_process_port=port,
+            main_process_port=launch.main_process_port,
         )
     except ValidationError as error:
         raise UsageError(describe_validation_error(error)) from None

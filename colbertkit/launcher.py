@@ -20,6 +20,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Callable, Mapping
@@ -120,7 +121,7 @@ def accelerate_config_for(
         # worker then joins them into one gloo group (MULTI_CPU) and checks the world size.
         config["distributed_type"] = "FSDP" if dist.strategy == "fsdp" else "MULTI_GPU"
         config["main_process_ip"] = dist.main_process_ip or "127.0.0.1"
-        config["main_process_port"] = dist.main_process_port
+        config["main_process_port"] = main_process_port(dist)
         config["rdzv_backend"] = "static"
         config["same_network"] = True
     if gpu:
@@ -186,6 +187,19 @@ def write_launch_files(profile: Profile, accelerate: dict[str, Any]) -> LaunchFi
     threads = cpu_threads_per_process(profile, gpu=not accelerate["use_cpu"])
     command = launch_command(accelerate_file, config_file, cpu_threads=threads)
     return LaunchFiles(accelerate_file, config_file, command)
+
+
+def main_process_port(dist: DistributedConfig) -> int:
+    """The rendezvous port: the one set, else 29500 across machines (each must know it in
+    advance), else a port free now on this machine, so that two launches side by side (two
+    trainings, a scoring job next to a training) do not fight over 29500."""
+    if dist.main_process_port is not None:
+        return dist.main_process_port
+    if dist.num_machines > 1:
+        return 29500
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 def launch_command(

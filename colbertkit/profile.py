@@ -45,7 +45,13 @@ class DistributedConfig(BaseModel):
     main_process_ip: str | None = Field(
         default=None, description="Address of machine 0 (needed with num_machines > 1)."
     )
-    main_process_port: int = Field(default=29500, ge=1, le=65535)
+    main_process_port: int | None = Field(
+        default=None,
+        ge=1,
+        le=65535,
+        description="Default: a free port on one machine (two runs side by side never collide), "
+        "29500 across machines.",
+    )
     fsdp_sharding: Literal["FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD", "NO_SHARD"] = Field(
         default="FULL_SHARD",
         description="FULL_SHARD shards parameters too; SHARD_GRAD_OP only gradients and "

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import re
+import socket
 from pathlib import Path
 
 import pytest
 import yaml
 
 from colbertkit.errors import UsageError
-from colbertkit.launcher import accelerate_config, layer_class_for_config, transformer_layer_class
+from colbertkit.launcher import (
+    accelerate_config,
+    accelerate_config_for,
+    layer_class_for_config,
+    transformer_layer_class,
+)
 from colbertkit.profile import (
     bundled_profiles_dir,
     describe_sources,
@@ -131,7 +137,27 @@ def _golden_config(name: str) -> dict:
 def test_generated_accelerate_configs_match_the_golden_files(name):
     generated = _golden_config(name)
     golden = yaml.safe_load((GOLDEN / f"accelerate-{name}.yaml").read_text())
+    port = generated.pop("main_process_port", None)  # free now: differs between calls
+    assert (port is None) == (generated["num_processes"] == 1)
     assert generated == golden
+
+
+def test_one_machine_launches_take_a_free_port_and_machines_agree_on_29500():
+    from colbertkit.profile import DistributedConfig
+
+    def port(**settings) -> int:
+        dist = DistributedConfig(strategy="ddp", device="cpu", **settings)
+        return accelerate_config_for(dist, mixed_precision="no", gpu=False, layer_class=None)[
+            "main_process_port"
+        ]
+
+    first = port(num_processes=2)
+    with socket.socket() as taken:  # a port in use is never handed out
+        taken.bind(("127.0.0.1", first))
+        taken.listen()
+        assert port(num_processes=2) != first
+    assert port(num_processes=2, num_machines=2, main_process_ip="10.0.0.1") == 29500
+    assert port(num_processes=2, main_process_port=29511) == 29511
 
 
 def test_bge_m3_is_really_sharded():

@@ -177,7 +177,7 @@ def _model_source(path: Path, trust_remote_code: bool) -> CheckpointSource:
     source = CheckpointSource(
         path=path,
         kind=layout.kind,
-        form=f"a {layout.kind} model directory",
+        form=f"{'an' if layout.kind[0] in 'aeiou' else 'a'} {layout.kind} model directory",
         config_dir=path,
         encoder=encoder,
         head=head,
