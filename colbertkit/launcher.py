@@ -231,9 +231,13 @@ def cpu_threads_per_process(profile: Profile, gpu: bool) -> int | None:
 
 
 def cpu_threads_for(num_processes: int, gpu: bool) -> int | None:
-    """Threads per process when ``num_processes`` share this machine's cores (None on GPU)."""
+    """Threads per process when ``num_processes`` share this machine's cores (None on GPU):
+    ``OMP_NUM_THREADS`` where the user set it, else the cores shared out."""
     if gpu:
         return None
+    asked = os.environ.get("OMP_NUM_THREADS", "")
+    if asked.isdigit() and int(asked) > 0:
+        return int(asked)
     return max(1, (os.cpu_count() or 1) // num_processes)
 
 

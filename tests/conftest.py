@@ -15,6 +15,24 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
+# One compute thread per process (before torch is imported; the commands the tests start
+# inherit it, and colbertkit's launches honour it): the suite runs on two pytest-xdist workers
+# (pyproject's addopts), and two workers each spinning two OpenMP threads on two cores would
+# oversubscribe them.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+# The README's commands run in order in one workspace and take the longest: collected first,
+# so that one worker starts on them while the other takes everything else.
+FIRST = ("test_readme.py", "test_journeys.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    def position(item) -> int:
+        name = item.path.name
+        return FIRST.index(name) if name in FIRST else len(FIRST)
+
+    items.sort(key=position)  # stable: the order inside each file is kept
+
 
 _WORD_TEXT = """
 the a an of to in and is are was for on with by at from what how why who when where

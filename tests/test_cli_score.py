@@ -306,9 +306,12 @@ def colbertkit_command(*args, env: dict[str, str] | None = None) -> subprocess.C
 
 def threads_like_each_of(processes: int) -> dict[str, str]:
     """The environment of one process that computes with the threads each of ``processes``
-    CPU processes gets (the machine's cores shared out). A matrix product's rounding depends
-    on how many threads split it, so bit-identity holds at equal threads per process."""
-    return {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // processes))}
+    CPU processes gets (``OMP_NUM_THREADS``, else the machine's cores shared out). A matrix
+    product's rounding depends on how many threads split it, so bit-identity holds at equal
+    threads per process."""
+    from colbertkit.launcher import cpu_threads_for
+
+    return {"OMP_NUM_THREADS": str(cpu_threads_for(processes, gpu=False))}
 
 
 @pytest.mark.slow

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import os
 
 import pytest
 import torch
@@ -269,8 +268,10 @@ def test_score_pairs_on_two_processes_gives_the_same_scores(colbertkit_dir):
     pairs = [*PAIRS, *PAIRS[::-1], *PAIRS[1::2]]  # 15 pairs: windows of 4 over 2 processes
     # Each of 2 CPU processes computes with half the cores; rounding depends on the threads
     # that split a product, so the one-process run uses as many.
+    from colbertkit.launcher import cpu_threads_for
+
     threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // 2))
+    torch.set_num_threads(cpu_threads_for(2, gpu=False))
     try:
         alone = score_pairs(str(colbertkit_dir), pairs, device="cpu", window=4)
     finally:

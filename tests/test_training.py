@@ -122,7 +122,10 @@ def test_unknown_setting_names_the_nearest_one(tmp_path):
     [
         ({"lr": 0}, r"lr: Input should be greater than 0"),
         ({"warmup_proportion": 1.5}, r"warmup_proportion: Input should be less than 1"),
-        ({"mixed_precision": "fp8"}, r"mixed_precision: Input should be 'no', 'fp16' or 'bf16'"),
+        (
+            {"mixed_precision": "fp8"},
+            r"mixed_precision: Input should be 'no', 'fp16', 'bf16' or 'auto'",
+        ),
         (
             {"grad_cache": True, "encode_chunk_size": None},
             r"grad_cache needs encode_chunk_size .* set encode_chunk_size, e.g. 8",
