@@ -265,7 +265,7 @@ def train_config(args: argparse.Namespace, dataset: Path, output: Path, **recipe
         "passage_max_len": args.passage_max_len,
         "neg_nums": args.neg_nums,
         "batch_size": args.batch_size,
-        "epochs": 1,
+        "epochs": args.epochs,
         "seed": SEED,
         "progress_bar": False,
         "save_each_epoch": False,
@@ -358,6 +358,7 @@ def main() -> None:
     parser.add_argument("--rerank-top", type=int, default=39, help="BM25 candidates per query")
     parser.add_argument("--neg-nums", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--query-max-len", type=int, default=32)
     parser.add_argument("--passage-max-len", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0, help="the split and the negatives")
@@ -438,7 +439,8 @@ def main() -> None:
     print(
         f"\nheld-out: {len(base.counted())} queries, each reranking {task}; "
         f"{args.train_queries} training queries x "
-        f"{args.neg_nums} negatives, 1 epoch, q{args.query_max_len}/d{args.passage_max_len}, "
+        f"{args.neg_nums} negatives, {args.epochs} epoch(s), "
+        f"q{args.query_max_len}/d{args.passage_max_len}, "
         f"batch {args.batch_size}; recipe {RECIPE}"
     )
     print("NDCG@10 differences: mean [95% paired bootstrap interval] (won/lost/tied queries);")

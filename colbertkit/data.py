@@ -7,7 +7,8 @@ One JSON object a line::
 Rows may carry teacher scores for distillation, aligned with the lists: ``pos_scores`` with
 ``pos``, ``neg_scores`` with ``neg`` (finite numbers on the teacher's scale). RAG-Retrieval's
 distillation form ``{"query", "pos": [...], "pos_scores": [...]}`` has no ``neg``: every passage
-is graded (a *graded row*; :func:`graded_example_lists` says how it becomes an example).
+is graded (a *graded row*; :func:`colbertkit.collate.build_examples` says how it becomes an
+example).
 
 :class:`TrainingRow` is the one definition of a valid row. The reader (:func:`read_training_rows`,
 used by ``train``) and the data doctor (:func:`colbertkit.validation.validate_dataset`, behind
@@ -324,8 +325,9 @@ def _describe(detail: Any, obj: Any) -> tuple[str, str]:
     where = _location(loc)
     value = detail.get("input")
     if loc and loc[0] in SCORE_KEYS and kind != "list_type":
-        if kind == "finite_number":
-            return "invalid_score", f"{where} is {value!r}, not a finite number"
+        if kind == "finite_number" or (isinstance(value, int) and not isinstance(value, bool)):
+            shown = repr(value) if len(repr(value)) <= 20 else f"{repr(value)[:17]}..."
+            return "invalid_score", f"{where} is {shown}, not a finite number"
         return "invalid_score", f"{where} must be a number, not {_type_name(value)}"
     if kind in ("scores_mismatch", "missing_scores"):
         return kind, detail["msg"]

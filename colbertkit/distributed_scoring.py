@@ -105,6 +105,7 @@ class ScoreJob(BaseModel):
     load_options: dict[str, Any] = Field(default_factory=dict)
     quiet: bool = False
     description: str = ""  # what the launcher prints before the model loads
+    gpu: bool = False  # the launch's choice: CPU processes stay on the CPU on a GPU machine
 
 
 def window_sizes(count: int, window: int) -> list[int]:
@@ -128,6 +129,15 @@ def _distributed_config(launch: LaunchSettings) -> tuple[Any, bool]:
     gpu = gpu_available() if launch.device == "auto" else launch.device == "cuda"
     if gpu and not gpu_available():
         raise UsageError("`device` cuda: CUDA is not available here; use `device=cpu`")
+    if gpu:
+        import torch
+
+        gpus = torch.cuda.device_count()
+        if launch.num_processes > gpus:
+            raise UsageError(
+                f"`num_processes` {launch.num_processes}: each process takes its own GPU and "
+                f"this machine has {gpus}; use `num_processes={gpus}` or `device=cpu`"
+            )
     try:
         dist = DistributedConfig(
             strategy="ddp" if launch.world_size > 1 else "none",
@@ -220,6 +230,7 @@ def scoring_launch(
             load_options=load_options,
             quiet=quiet,
             description=description,
+            gpu=gpu,
         )
         accelerate = accelerate_config_for(dist, mixed_precision="no", gpu=gpu, layer_class=None)
         accelerate_file, job_file = work / ACCELERATE_FILE, work / JOB_FILE
@@ -232,6 +243,13 @@ def scoring_launch(
             module="colbertkit.score_worker",
         )
         if log is not None:
+            windows = len(window_sizes(count, job.window))
+            if windows < launch.world_size:
+                log(
+                    f"{count} pairs make {windows} window(s) of up to {job.window}: "
+                    f"{launch.world_size - windows} of {launch.world_size} processes have "
+                    "nothing to score (a smaller --window shares them out)"
+                )
             log(f"launching {description}: {' '.join(command)}")
         code = run_launch(command)
         if code != 0:
@@ -334,7 +352,8 @@ def run_score_worker(job: ScoreJob) -> None:
     from colbertkit.scorer import load_scorer
 
     # Without CUDA several processes must join one gloo group (MULTI_CPU); see training.py.
-    state = PartialState(cpu=not torch.cuda.is_available())
+    # PartialState does not read accelerate's use_cpu (only AcceleratorState does): say it.
+    state = PartialState(cpu=not job.gpu or not torch.cuda.is_available())
     rank, world_size = state.process_index, state.num_processes
     main = state.is_main_process
     loaded = load_scorer(

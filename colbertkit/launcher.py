@@ -242,7 +242,14 @@ def cpu_threads_for(num_processes: int, gpu: bool) -> int | None:
 
 
 def run_launch(command: list[str], env: dict[str, str] | None = None) -> int:
-    """Run ``command`` in its own process group; forward Ctrl-C / SIGTERM; return its code."""
+    """Run ``command`` in its own process group; forward Ctrl-C / SIGTERM; return its code.
+
+    Signals reach only the main thread: called from another one (a server's worker thread),
+    nothing is forwarded, and the launch still ends with this process (the children die with
+    their parent, :mod:`colbertkit.processes`).
+    """
+    import threading
+
     process = subprocess.Popen(command, env=env, start_new_session=True)
     forwarded: list[int] = []
 
@@ -251,7 +258,12 @@ def run_launch(command: list[str], env: dict[str, str] | None = None) -> int:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signum)
 
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = (
+        {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+        if in_main_thread
+        else {}
+    )
     try:
         try:
             code = process.wait()
@@ -306,7 +318,9 @@ def plan_numbers(
         + (" + the other queries' positives" if profile.other_positives_as_negatives else "")
         + "); gradient accumulation adds none"
         + ("; gradient caching keeps the memory of one chunk" if profile.grad_cache else ""),
-        f"{plan['examples']} examples (one per positive): {plan['steps_per_epoch']} steps per "
+        f"{plan['examples']} examples (one per positive"
+        + (", one per graded row" if profile.loss != "contrastive" else "")
+        + f"): {plan['steps_per_epoch']} steps per "
         f"epoch, {plan['total_steps']} steps in all, {plan['warmup_steps']} warm-up steps",
     ]
     lines.append(_recipe_line(profile, plan))
@@ -334,7 +348,8 @@ def _recipe_line(profile: Profile, plan: dict[str, Any]) -> str:
         else f"lr {profile.lr:g}"
     )
     warmup = (
-        f"; only the head trains for the first {plan['head_warmup_steps']} steps"
+        f"; only the head trains for the first {plan['head_warmup_steps']} steps, then the "
+        f"encoder warms up over {plan['encoder_warmup_steps']}"
         if plan["head_warmup_steps"]
         else ""
     )

@@ -2,8 +2,8 @@
 
 * :func:`resolve_dtype` turns a requested computation precision into the one that runs, with
   the reason in words: ``auto`` is bf16 where the hardware computes it natively (CUDA GPUs with
-  bf16, CPUs with AMX or AVX512-BF16, detected, never guessed), fp16 on older CUDA GPUs and fp32
-  everywhere else;
+  bf16, CPUs with AMX or AVX512-BF16, detected, never guessed), fp16 on Volta and Turing GPUs
+  (sm_7x) and fp32 everywhere else;
 * :func:`auto_hint` is the one line an fp32 run prints where ``auto`` would be faster.
 
 Light on purpose: the CLI's option types import the names; torch is imported on use.
@@ -132,7 +132,10 @@ def resolve_dtype(name: str, device: Any) -> tuple[DTypeName, str]:
         # Ampere (sm_80) and later compute bf16 in their tensor cores.
         if major >= 8 and torch.cuda.is_bf16_supported():
             return "bf16", gpu
-        return "fp16", f"no native bf16 on {gpu}"
+        if major >= 7:  # Volta and Turing: fp16 tensor cores
+            return "fp16", f"no native bf16 on {gpu}"
+        # Pascal and older: fp16 is no faster (a fraction of fp32 on consumer cards).
+        return "fp32", f"no fast 16-bit arithmetic on {gpu}"
     if device.type == "cpu":
         unit = native_cpu_bf16()
         if unit is not None:

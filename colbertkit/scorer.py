@@ -61,6 +61,15 @@ def pick_device(requested: str = "auto") -> torch.device:
         ) from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"`device` {requested}: CUDA is not available here; use `device=cpu`")
+    if (
+        device.type == "cuda"
+        and device.index is not None
+        and device.index >= torch.cuda.device_count()
+    ):
+        raise UsageError(
+            f"`device` {requested}: this machine has {torch.cuda.device_count()} GPU(s), "
+            "cuda:0 and up"
+        )
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise UsageError(f"`device` {requested}: MPS is not available here; use `device=cpu`")
     return device
@@ -380,7 +389,7 @@ def score_pairs(
     num_machines: int = 1,
     machine_rank: int = 0,
     main_process_ip: str | None = None,
-    main_process_port: int = 29500,
+    main_process_port: int | None = None,
     **load_options: Any,
 ) -> list[float]:
     """Load ``checkpoint`` and return the MaxSim score of each (query, passage) pair.
@@ -391,14 +400,16 @@ def score_pairs(
 
     ``num_processes`` (per machine) and ``num_machines`` > 1 score on several processes through
     ``accelerate launch`` (see :mod:`colbertkit.distributed_scoring`), each taking whole
-    windows of ``window`` pairs; the scores are the same bits as one process's. On a machine
-    other than the first (``machine_rank`` > 0) the list is empty: machine 0 gathers the
-    scores.
+    windows of ``window`` pairs; the scores are the same bits as one process's (at equal
+    threads per process on a CPU). ``main_process_port``: default a free port on one machine,
+    29500 across machines. On a machine other than the first (``machine_rank`` > 0) the list
+    is empty: machine 0 gathers the scores.
     """
     if num_processes * num_machines > 1:
         from colbertkit.distributed_scoring import LaunchSettings, score_pairs_distributed
 
-        launch = LaunchSettings(
+        launch = validate_options(
+            LaunchSettings,
             num_processes=num_processes,
             num_machines=num_machines,
             machine_rank=machine_rank,
@@ -430,6 +441,13 @@ def score_pairs(
         **load_options,
     )
     return list(loaded.scorer.score(pairs))
+
+
+def _counted(scores: Iterable[float], progress: Callable[[int], None] | None) -> Iterator[float]:
+    for score in scores:
+        if progress is not None:
+            progress(1)
+        yield score
 
 
 @contextlib.contextmanager
@@ -476,7 +494,7 @@ def open_scoring(
             log=log,
             **load_options,
         ) as merged:
-            yield None if merged is None else (lambda progress: iter(merged))
+            yield None if merged is None else (lambda progress: _counted(merged, progress))
         return
     from colbertkit.precision import auto_hint
 

@@ -153,7 +153,7 @@ class TrainConfig(BaseModel):
         default="no",
         description="Autocast the forward in 16 bits (weights and optimizer stay fp32); auto: "
         "bf16 where the hardware computes it natively (CUDA, AMX / AVX512-BF16 CPUs), fp16 on "
-        "older GPUs, else no.",
+        "Volta and Turing GPUs, else no.",
     )
     gradient_checkpointing: bool = False
     train_head_only: bool = Field(

@@ -17,6 +17,7 @@ files, prints and logs.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
@@ -146,10 +147,26 @@ def train(config: TrainConfig | Mapping[str, Any]) -> TrainResult:
         if config.eval_dataset
         else None
     )
+    data_notes: list[str] = []
+    if eval_rows is not None:
+        # A row without negatives (a graded row included) would score 1 whatever the model
+        # does: left out, as `colbertkit evaluate` leaves it out.
+        ranked = [row for row in eval_rows if row.neg]
+        if not ranked:
+            raise UsageError(
+                f"{config.eval_dataset}: no eval row has negatives to rank its positives "
+                "against; give each row a non-empty neg list"
+            )
+        if len(ranked) < len(eval_rows):
+            data_notes.append(
+                f"{config.eval_dataset}: {len(eval_rows) - len(ranked)} of {len(eval_rows)} "
+                "eval rows have no negatives and are left out of evaluation"
+            )
+        eval_rows = ranked
     plan = plan_training(
         config, world_size, num_examples=count_examples(rows, graded_rows=config.distils)
     )
-    total_steps, warmup_steps = plan["total_steps"], plan["warmup_steps"]
+    total_steps = plan["total_steps"]
 
     # -- model, optimizer, schedule ------------------------------------------------------------
     colbert, tokenizer, model_notes = _load_model(config)
@@ -164,9 +181,10 @@ def train(config: TrainConfig | Mapping[str, Any]) -> TrainResult:
         betas=(0.9, 0.999),
         eps=1e-8,
     )
-    from transformers import get_cosine_schedule_with_warmup
-
-    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup_steps, total_steps)
+    scheduler = learning_rate_schedule(
+        optimizer, plan["warmup_steps"], total_steps, plan["head_warmup_steps"],
+        plan["encoder_warmup_steps"],
+    )  # fmt: skip
     model, optimizer, scheduler = accelerator.prepare(ChunkEncoder(colbert), optimizer, scheduler)
     if resume_dir is not None:
         accelerator.load_state(str(resume_dir))
@@ -181,7 +199,7 @@ def train(config: TrainConfig | Mapping[str, Any]) -> TrainResult:
                 "versions": library_versions(),
             },
         )
-    for note in model_notes:
+    for note in [*data_notes, *model_notes]:
         console.print(note)
     console.print(_describe_plan(plan, resume_dir, progress))
 
@@ -642,6 +660,42 @@ def _enable_gradient_checkpointing(encoder: nn.Module) -> None:
         ) from error
 
 
+def _cosine(step: int, warmup_steps: int, total_steps: int) -> float:
+    """The rate's factor at ``step``: transformers' ``get_cosine_schedule_with_warmup``."""
+    if step < warmup_steps:
+        return step / max(1, warmup_steps)
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def learning_rate_schedule(
+    optimizer: torch.optim.Optimizer,
+    warmup_steps: int,
+    total_steps: int,
+    head_warmup_steps: int = 0,
+    encoder_warmup_steps: int = 0,
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up, then cosine decay to 0 at ``total_steps``, for every group; with a head
+    warm-up, the encoder's groups start at ``head_warmup_steps`` with a warm-up of their own
+    (``encoder_warmup_steps``) and decay to 0 at the same end."""
+
+    def head(step: int) -> float:
+        return _cosine(step, warmup_steps, total_steps)
+
+    def encoder(step: int) -> float:
+        if step < head_warmup_steps:
+            return 0.0
+        return _cosine(
+            step - head_warmup_steps, encoder_warmup_steps, total_steps - head_warmup_steps
+        )
+
+    factors = [
+        encoder if head_warmup_steps and group.get("name", "").startswith("encoder") else head
+        for group in optimizer.param_groups
+    ]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
+
+
 def _parameter_groups(
     model: nn.Module, weight_decay: float, lr: float, encoder_lr: float | None = None
 ) -> list[dict[str, Any]]:
@@ -729,6 +783,12 @@ def plan_training(
         + (" + cross-process gathering" if config.gather_across_processes else ""),
         "loss": config.loss,
         "head_warmup_steps": min(config.head_warmup_steps, total_steps),
+        # The encoder joins after the head warm-up with a warm-up of its own, the same share
+        # of the steps it trains for: a first step at the peak rate with fresh Adam moments is
+        # what a warm-up exists to avoid.
+        "encoder_warmup_steps": int(
+            config.warmup_proportion * (total_steps - min(config.head_warmup_steps, total_steps))
+        ),
     }
 
 
@@ -741,7 +801,10 @@ def _describe_plan(plan: Mapping[str, Any], resume_dir: Path | None, progress: P
         f"{plan['total_steps']} steps ({plan['warmup_steps']} warm-up), loss {plan['loss']}"
     )
     if plan["head_warmup_steps"]:
-        text += f"; only the head trains for the first {plan['head_warmup_steps']} steps"
+        text += (
+            f"; only the head trains for the first {plan['head_warmup_steps']} steps, then "
+            f"the encoder warms up over {plan['encoder_warmup_steps']}"
+        )
     if resume_dir is not None:
         text += f"; resuming from {resume_dir} at step {progress.step}"
     return text

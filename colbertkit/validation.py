@@ -122,6 +122,11 @@ WARNING_KINDS: dict[str, str] = {
     "many_negatives": f"more than {MANY_NEGATIVES:,} negatives in one row (slow to sample "
     "and to evaluate)",
     "false_negative": "the same text in pos and neg of one row",
+    "score_scale": "teacher scores beyond [-1, 1] (logits?): divided by the default "
+    "teacher_temperature (= temperature, 0.02) their softmax is one-hot; logits want "
+    "teacher_temperature about 1",
+    "few_candidates": "a graded row with fewer other passages than neg_nums: drawn with "
+    "repetition, and the repeats weigh in the teacher's distribution",
     "duplicate_text": "the same text twice in one pos or neg list",
     "duplicate_row": "a row identical to an earlier one (extra keys ignored)",
     "repeated_query": "a query already seen on an earlier row",
@@ -664,7 +669,7 @@ class _FileScan:
                         self.extra_keys[key] += 1
 
         positive_count, negative_count = len(positives), len(negatives)
-        graded = self._count_teacher_scores(row)
+        graded = self._count_teacher_scores(row, line)
         self.examples += 1 if graded else positive_count
         self.positives_per_row.add_many([positive_count])
         self.negatives_per_row.add_many([negative_count])
@@ -737,13 +742,18 @@ class _FileScan:
             if len(self._passage_buffer) >= TOKENIZER_BATCH_TEXTS:
                 self._flush_tokens()
 
-    def _count_teacher_scores(self, row: dict[str, Any]) -> bool:
+    def _count_teacher_scores(self, row: dict[str, Any], line: int) -> bool:
         """Score statistics of a valid row; returns whether it is a graded row (one example)."""
         positive_scores = row.get("pos_scores")
         negative_scores = row.get("neg_scores")
         if positive_scores is None and negative_scores is None:
             return False
         self.scored_rows += 1
+        largest = max(abs(score) for score in (*(positive_scores or ()), *(negative_scores or ())))
+        if largest > 1:
+            self.report.warnings.add(
+                "score_scale", line, f"a teacher score of magnitude {largest:g}"
+            )
         if positive_scores is not None:
             self.positive_scores.add_many(positive_scores)
         if negative_scores:
@@ -754,6 +764,14 @@ class _FileScan:
             self.settings.rules.allow_graded and not row.get("neg") and positive_scores is not None
         )
         self.graded_rows += graded
+        candidates = len(row["pos"]) - 1
+        if graded and self.settings.neg_nums and candidates < self.settings.neg_nums:
+            self.report.warnings.add(
+                "few_candidates",
+                line,
+                f"{candidates} passages besides the top-scored one for neg_nums "
+                f"{self.settings.neg_nums}",
+            )
         return graded
 
     def _find_eval_leaks(

@@ -106,3 +106,26 @@ def test_mixed_precision_auto_follows_resolve_dtype():
     )
     assert resolve_mixed_precision("bf16", "cpu") == ("bf16", "asked")
     assert resolve_mixed_precision("no", "cpu") == ("no", "asked")
+
+
+@pytest.mark.parametrize(
+    ("capability", "name", "expected"),
+    [
+        ((9, 0), "NVIDIA H200", ("bf16", "NVIDIA H200, sm_90")),
+        ((7, 5), "Tesla T4", ("fp16", "no native bf16 on Tesla T4, sm_75")),
+        (
+            (6, 1),
+            "GeForce GTX 1080",
+            ("fp32", "no fast 16-bit arithmetic on GeForce GTX 1080, sm_61"),
+        ),
+    ],
+)
+def test_auto_on_a_gpu_follows_its_compute_capability(monkeypatch, capability, name, expected):
+    # No GPU here: the CUDA queries resolve_dtype makes answer as the named card would.
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: name)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: capability[0] >= 8)
+    assert resolve_dtype("auto", "cuda") == expected

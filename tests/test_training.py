@@ -823,3 +823,51 @@ def test_eval_dtype_cannot_contradict_mixed_precision(tmp_path, colbertkit_dir, 
     )
     with pytest.raises(UsageError, match=r"eval_dtype fp32: evaluation runs in the training's"):
         train(config)
+
+
+def test_without_head_warmup_the_schedule_is_transformers_cosine():
+    from transformers import get_cosine_schedule_with_warmup
+
+    from colbertkit.training import learning_rate_schedule
+
+    def rates(make) -> list[list[float]]:
+        groups = [
+            {"name": n, "params": [torch.nn.Parameter(torch.zeros(1))]} for n in ("head", "encoder")
+        ]
+        optimizer = torch.optim.AdamW(groups, lr=1e-3)
+        scheduler = make(optimizer)
+        seen = []
+        for _ in range(20):
+            seen.append(scheduler.get_last_lr())
+            optimizer.step()
+            scheduler.step()
+        return seen
+
+    ours = rates(lambda o: learning_rate_schedule(o, 3, 20))
+    assert ours == rates(lambda o: get_cosine_schedule_with_warmup(o, 3, 20))
+
+
+def test_after_a_head_warmup_the_encoder_warms_up_on_its_own():
+    from colbertkit.training import learning_rate_schedule
+
+    groups = [
+        {"name": name, "params": [torch.nn.Parameter(torch.zeros(1))], "lr": lr}
+        for name, lr in (("head", 1e-3), ("head_no_decay", 1e-3), ("encoder", 2e-5))
+    ]
+    optimizer = torch.optim.AdamW(groups, lr=1e-3)
+    scheduler = learning_rate_schedule(
+        optimizer, 2, 25, head_warmup_steps=5, encoder_warmup_steps=2
+    )
+    head, encoder = [], []
+    for _ in range(25):
+        rates = scheduler.get_last_lr()
+        head.append(rates[0])
+        encoder.append(rates[2])
+        optimizer.step()
+        scheduler.step()
+    assert head[:3] == [0.0, 5e-4, 1e-3]  # the head: its usual warm-up from step 0
+    assert encoder[:6] == [0.0] * 6  # the encoder: nothing during the head warm-up ...
+    assert encoder[6] == pytest.approx(1e-5) and encoder[7] == pytest.approx(
+        2e-5
+    )  # ... then a ramp
+    assert encoder[7] > encoder[8] > encoder[24] > 0  # and the same cosine decay to the end

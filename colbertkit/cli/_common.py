@@ -88,7 +88,7 @@ def dtype_option() -> Any:
         ComputeDType.fp32,
         "--dtype",
         help="Encoder precision: fp32 (exact), bf16, fp16 (GPU), or auto: bf16 where the "
-        "hardware has it (CUDA, AMX / AVX512-BF16 CPUs), fp16 on older GPUs, else fp32.",
+        "hardware has it (CUDA, AMX / AVX512-BF16 CPUs), fp16 on Volta / Turing GPUs, else fp32.",
     )
 
 
