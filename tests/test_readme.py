@@ -144,6 +144,7 @@ def check_trec(result, ws):
 
 def check_two_processes(result, ws):
     assert "launching 2 process(es) x 1 machine(s) on CPU" in result.stderr
+    assert "6 pairs make 1 window(s) of up to 4096: 1 of 2 processes have nothing" in result.stderr
     assert re.search(
         r"each cpu \((bf16, \w+|fp32, no native bf16 on this CPU: \w+)\)", result.stderr
     )

@@ -871,3 +871,25 @@ def test_after_a_head_warmup_the_encoder_warms_up_on_its_own():
         2e-5
     )  # ... then a ramp
     assert encoder[7] > encoder[8] > encoder[24] > 0  # and the same cosine decay to the end
+
+
+def test_eval_rows_without_negatives_are_left_out_not_counted_as_perfect(
+    tmp_path, colbertkit_dir, dataset, capsys
+):
+    rows = [json.loads(line) for line in dataset.read_text().splitlines()][:6]
+    ranked = write_rows(tmp_path / "ranked.jsonl", rows)
+    mixed = write_rows(
+        tmp_path / "mixed.jsonl",
+        [
+            *rows,
+            {"query": "what is paris", "pos": ["paris is a city"]},  # nothing to rank against
+            {"query": "cats", "pos": ["a cat", "the dog"], "pos_scores": [0.9, 0.2]},  # graded
+        ],
+    )
+    results = [
+        train(base_config(tmp_path / name, colbertkit_dir, dataset, max_steps=2,
+                          eval_dataset=str(eval_file)))
+        for name, eval_file in (("ranked", ranked), ("mixed", mixed))
+    ]  # fmt: skip
+    assert results[1].eval_history == results[0].eval_history  # the two rows changed nothing
+    assert "2 of 8 eval rows have no negatives and are left out" in capsys.readouterr().err

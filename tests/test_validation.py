@@ -624,6 +624,23 @@ def test_teacher_scores_checked_with_line_numbers_and_ranges_reported(tmp_path):
     assert "pos_scores" not in statistics["extra_keys"]
 
 
+def test_logit_scale_teachers_and_thin_graded_rows_are_warned_about(tmp_path):
+    path = write(
+        tmp_path,
+        [
+            row(neg=("x", "y", "z"), pos_scores=[0.9], neg_scores=[0.1, 0.5, 0.2]),  # 1: 0..1
+            row("q1", neg=("x", "y", "z"), pos_scores=[7.5], neg_scores=[-3.0, 1.2, 0]),  # logits
+            {"query": "q2", "pos": ["a", "b", "c"], "pos_scores": [0.9, 0.5, 0.1]},  # 3: 2 others
+            {"query": "q3", "pos": ["a", "b", "c", "d"], "pos_scores": [0.9, 0.5, 0.1, 0.2]},
+        ],
+    )
+    report = validate_dataset(path, neg_nums=3)
+    assert issues(report) == {}
+    assert issues(report, "warnings") == {"score_scale": (1, [2]), "few_candidates": (1, [3])}
+    samples = report.to_dict()["files"][0]["warnings"]["score_scale"]["samples"]
+    assert "magnitude 7.5" in samples[0]["message"]
+
+
 def test_loss_decides_what_rows_need(tmp_path):
     graded = {"query": "q", "pos": ["a", "b"], "pos_scores": [0.9, 0.1]}
     path = write(tmp_path, [row(), graded])
