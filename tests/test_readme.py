@@ -280,6 +280,22 @@ def check_mine_teacher(result, ws):
     assert all(len(row["pos_scores"]) == len(row["pos"]) for row in rows)
 
 
+def check_validate_distill(result, ws):
+    rows = mined(ws, "distill.jsonl")
+    assert f"{len(rows)} valid rows, 0 rows with errors" in result.stdout
+    assert "teacher scores" in result.stdout.lower()
+
+
+def check_distill_train(result, ws):
+    assert "loss contrastive+kl (teacher temperature 1" in result.stderr
+    metadata = json.loads((ws / "runs" / "distill" / "model" / "colbertkit.json").read_text())
+    assert metadata["source"]["steps"] == 3
+    losses = [json.loads(line)["train/loss"] for line in
+              (ws / "runs" / "distill" / "metrics.jsonl").read_text().splitlines()
+              if "train/loss" in line]  # fmt: skip
+    assert losses and all(0 < loss < 100 for loss in losses)  # logged, finite
+
+
 def metric_rows(stdout: str) -> dict[str, list[str]]:
     """metric -> the cells after its name in evaluate's plain-text table."""
     rows = [line.split() for line in stdout.splitlines()]
@@ -393,6 +409,12 @@ CHECKS: dict[str, tuple[int, Check]] = {
     "colbertkit mine queries.jsonl corpus.jsonl distill.jsonl --range 1:30 --neg-nums 4 "
     "--teacher cross-encoder --format json > mining.json": (0, check_mine_teacher),
     "colbertkit validate-data mined.jsonl --neg-nums 4": (0, check_validate_mined),
+    "colbertkit validate-data distill.jsonl --neg-nums 4 --loss contrastive+kl": (
+        0,
+        check_validate_distill,
+    ),
+    "colbertkit train --profile demo --dataset distill.jsonl --output-dir runs/distill --set "
+    "loss=contrastive+kl --set teacher_temperature=1 --set max_steps=3": (0, check_distill_train),
     "colbertkit evaluate runs/demo example_data/eval.jsonl": (0, check_evaluate_rows),
     "colbertkit evaluate runs/demo example_data/eval.jsonl --baseline "
     "sentence-transformers/all-MiniLM-L6-v2 --baseline-fresh-head": (0, check_evaluate_baseline),
