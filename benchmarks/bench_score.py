@@ -129,8 +129,9 @@ def reference_way(model, tokenizer, pairs: list[tuple[str, str]]) -> None:
             _ = token_scores.max(-1).values.sum(-1) / q_mask.sum(-1)
 
 
-def limit_way(encoder, tokenizer, pairs: list[tuple[str, str]]) -> None:
-    """Encoder only, over the distinct texts' real tokens, grouped by exact length."""
+def limit_way(encoder, tokenizer, pairs: list[tuple[str, str]], device: str = "cpu") -> None:
+    """Encoder only, over the distinct texts' real tokens, grouped by exact length (the encoder
+    limit; ``benchmarks/gpu_check.py`` runs it on CUDA)."""
     import torch
 
     by_length: dict[int, list[list[int]]] = {}
@@ -143,7 +144,7 @@ def limit_way(encoder, tokenizer, pairs: list[tuple[str, str]]) -> None:
     with torch.inference_mode():
         for group in by_length.values():
             for i in range(0, len(group), 32):
-                input_ids = torch.tensor(group[i : i + 32])
+                input_ids = torch.tensor(group[i : i + 32], device=device)
                 encoder(input_ids=input_ids, attention_mask=torch.ones_like(input_ids))
 
 

@@ -440,7 +440,7 @@ def child_speed(model: str, work: Path) -> None:
     import torch
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_score import make_pairs, read_pairs
+    from bench_score import limit_way, make_pairs, read_pairs
 
     from colbertkit.scorer import load_scorer
 
@@ -468,28 +468,12 @@ def child_speed(model: str, work: Path) -> None:
             rates["auto_dtype"] = loaded.dtype
             continue
         encoder, tokenizer = loaded.loaded.model.encoder, loaded.loaded.tokenizer
-        rates[f"limit-{dtype}"] = timed(lambda e=encoder, t=tokenizer: gpu_limit(e, t, pairs))
+        rates[f"limit-{dtype}"] = timed(
+            lambda e=encoder, t=tokenizer: limit_way(e, t, pairs, "cuda")
+        )
         del loaded
         torch.cuda.empty_cache()
     print(json.dumps(rates))
-
-
-def gpu_limit(encoder, tokenizer, pairs: list[tuple[str, str]]) -> None:
-    """One forward over exactly the distinct texts' real tokens (grouped by exact length)."""
-    import torch
-
-    by_length: dict[int, list[list[int]]] = {}
-    for texts, max_len in (
-        (list(dict.fromkeys(q for q, _ in pairs)), 128),
-        (list(dict.fromkeys(p for _, p in pairs)), 512),
-    ):
-        for ids in tokenizer(texts, truncation=True, max_length=max_len)["input_ids"]:
-            by_length.setdefault(len(ids), []).append(ids)
-    with torch.inference_mode():
-        for group in by_length.values():
-            for i in range(0, len(group), 32):
-                input_ids = torch.tensor(group[i : i + 32], device="cuda")
-                encoder(input_ids=input_ids, attention_mask=torch.ones_like(input_ids))
 
 
 # --------------------------------------------------------------------------------------------

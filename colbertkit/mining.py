@@ -448,29 +448,29 @@ class _ModelOptions:
 
 def _load_scorer(spec: str, role: str, options: _ModelOptions, log: Callable[[str], None]) -> Any:
     """A ColBERT checkpoint (``model`` / ``teacher``) or a cross-encoder (``teacher`` only)."""
-    from colbertkit.checkpoint import load_checkpoint
-    from colbertkit.scorer import PairScorer, pick_device, pick_dtype
+    from colbertkit.scorer import load_scorer, pick_device, pick_dtype
 
-    target = pick_device(options.device)
-    torch_dtype = pick_dtype(options.dtype, target)
     if role == "teacher" and _is_cross_encoder(spec):
         log(f"teacher: cross-encoder at {spec}")
+        target = pick_device(options.device)
         return _CrossEncoder(
             Path(spec).expanduser(),
             target,
-            torch_dtype,
+            pick_dtype(options.dtype, target),
             options.batch_size,
             TEACHER_MAX_LEN,
             options.trust_remote_code,
         )
-    fresh_head = options.fresh_head and role == "model"
     try:
-        loaded = load_checkpoint(
+        ready = load_scorer(
             spec,
-            fresh_head=fresh_head,
+            batch_size=options.batch_size,
+            query_max_len=options.query_max_len,
+            passage_max_len=options.passage_max_len,
+            device=options.device,
+            dtype=options.dtype,
+            fresh_head=options.fresh_head and role == "model",
             seed=options.seed,
-            device=str(target),
-            dtype=torch_dtype,
             trust_remote_code=options.trust_remote_code,
         )
     except CheckpointError as error:
@@ -480,17 +480,9 @@ def _load_scorer(spec: str, role: str, options: _ModelOptions, log: Callable[[st
                 "sequence-classification model (a cross-encoder); a teacher needs trained scores"
             ) from error
         raise
-    for note in loaded.notes:
+    for note in ready.loaded.notes:
         log(f"{role}: {note}")
-    return _ColbertScorer(
-        PairScorer(
-            loaded.model,
-            loaded.tokenizer,
-            query_max_len=options.query_max_len or loaded.query_max_len,
-            passage_max_len=options.passage_max_len or loaded.passage_max_len,
-            batch_size=options.batch_size,
-        )
-    )
+    return _ColbertScorer(ready.scorer)
 
 
 # --------------------------------------------------------------------------------------------
